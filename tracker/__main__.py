@@ -1,0 +1,52 @@
+"""`tracker serve | migrate`: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tracker", description="Click and conversion tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--listen", help="host:port (TRACKER_LISTEN)")
+    serve.add_argument("--workers", type=int, help="worker processes (TRACKER_WORKERS)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply sql/ on start")
+    commands.add_parser("migrate", help="apply sql/ to the database")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"tracker: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        changes: dict[str, object] = {}
+        if args.listen:
+            changes["listen"] = args.listen
+        if args.workers:
+            changes["workers"] = args.workers
+        if args.no_migrate:
+            changes["migrate_on_start"] = False
+        from .serve import serve as run
+
+        return run(settings.with_(**changes))
+    if args.command == "migrate":
+        from .embedded import servers
+        from .storage.migrations import migrate
+
+        logging.basicConfig(level=settings.log_level, format="%(levelname)s %(message)s")
+        with servers(settings.database_url, "unused", settings.data_dir) as (db_url, _):
+            applied = asyncio.run(migrate(db_url))
+        print("applied: " + ", ".join(applied) if applied else "up to date")
+        return 0
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

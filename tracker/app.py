@@ -1,0 +1,122 @@
+"""create_app(settings) → the aiohttp application of one worker.
+
+Resources open in this order and close in reverse: PostgreSQL, Redis, campaign cache,
+partition upkeep, batch writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from . import metrics, routes
+from .campaign_cache import CampaignCache
+from .ingest.buffer import EventBuffer, Keys
+from .ingest.track import RequestTracker
+from .ingest.visitor import Countries, UserAgents
+from .ingest.writer import BatchWriter
+from .keys import BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, SETTINGS, TRACKER, WRITER
+from .middleware import observe
+from .settings import Settings
+from .storage import db
+from .storage import events as event_store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_DRAIN_SECONDS = 5.0
+# Tests run the writer by hand to stop it mid-batch; the service always runs it.
+RUN_WRITER = web.AppKey("run_writer", bool)
+PARTITION_UPKEEP_EVERY = 3600.0
+
+
+async def postgres(app: web.Application) -> AsyncIterator[None]:
+    app[PG] = await db.create_pool(app[SETTINGS].database_url)
+    yield
+    await app[PG].close()
+
+
+async def redis_client(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[REDIS] = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                         health_check_interval=30)
+    app[REDIS_KEYS] = keys = Keys(settings.redis_prefix)
+    app[BUFFER] = buffer = EventBuffer(app[REDIS], keys, settings.click_cache_ttl,
+                                       settings.unique_window)
+    countries = Countries(settings.geoip_db, settings.country_header)
+    app[TRACKER] = RequestTracker(buffer, UserAgents(), countries, settings.proxy_hops)
+    yield
+    countries.close()
+    await app[REDIS].aclose()
+
+
+async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
+    cache = CampaignCache(app[PG], app[REDIS], app[REDIS_KEYS].campaigns_channel)
+    await cache.start()
+    app[CAMPAIGNS] = cache
+    yield
+    await cache.stop()
+
+
+async def partitions(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+
+    async def upkeep() -> None:
+        await event_store.ensure_partitions(app[PG], settings.partition_days_ahead)
+        if settings.retention_days:
+            dropped = await event_store.drop_partitions(app[PG], settings.retention_days)
+            if dropped:
+                log.info("dropped %d partitions past retention", dropped)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(PARTITION_UPKEEP_EVERY)
+            try:
+                await upkeep()
+            except Exception as exc:  # noqa: BLE001 - retried next hour, days ahead exist
+                metrics.BACKEND_ERRORS.labels("postgres").inc()
+                log.warning("partition upkeep failed: %r", exc)
+
+    await upkeep()
+    task = asyncio.create_task(loop(), name="partition-upkeep")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def batch_writer(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    run = app[RUN_WRITER]
+    writer = BatchWriter(
+        app[REDIS], lambda: db.connect(settings.database_url), app[REDIS_KEYS],
+        batch_size=settings.batch_size, wait_ms=settings.batch_wait_ms,
+        claim_idle_ms=settings.claim_idle_ms)
+    await writer.ensure_group()
+    app[WRITER] = writer
+    if not run:
+        yield
+        return
+    task = asyncio.create_task(writer.run(), name="batch-writer")
+    yield
+    # In-flight requests are answered by now: flush what they buffered, then stop.
+    writer.stop()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_DRAIN_SECONDS)
+    except asyncio.TimeoutError:
+        task.cancel()
+    await writer.drain(time.monotonic() + SHUTDOWN_DRAIN_SECONDS)
+
+
+def create_app(settings: Settings, *, run_writer: bool = True) -> web.Application:
+    app = web.Application(middlewares=[observe], client_max_size=256 * 1024)
+    app[SETTINGS] = settings
+    app[RUN_WRITER] = run_writer
+    app.cleanup_ctx.extend([postgres, redis_client, campaign_cache, partitions, batch_writer])
+    routes.setup(app)
+    return app

@@ -1,0 +1,1 @@
+"""HTTP handlers: parse, call, answer. Nothing here decides what is recorded."""

@@ -1,0 +1,49 @@
+"""Operator API: a click by id, read-your-writes (Redis first, then PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from ..campaigns import decimal_str
+from ..errors import bad_request, not_found
+from ..ids import id_time, id_uuid, parse_id
+from ..ingest.params import TRACKING_PARAMS
+from ..keys import BUFFER, PG
+from ..storage import clicks as store
+from .common import json_response, require_token
+
+FIELDS = ("campaign_id", "campaign", *TRACKING_PARAMS, "country", "device", "ip",
+          "is_unique", "is_bot", "destination")
+
+
+def _view(click_id: str, when: datetime, source: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"click_id": click_id, "time": when.isoformat().replace("+00:00", "Z")}
+    for name in FIELDS:
+        value = source.get(name)
+        body[name] = "" if value is None and name in TRACKING_PARAMS else value
+    cost = source.get("cost") or "0"
+    body["cost"] = decimal_str(cost if isinstance(cost, Decimal) else Decimal(cost))
+    # Conversions are attributed by the conversions capability; none can exist yet.
+    body["conversions"] = []
+    return body
+
+
+async def get(request: web.Request) -> web.Response:
+    require_token(request)
+    raw = request.match_info["click_id"]
+    ulid = parse_id(raw)
+    if ulid is None:
+        raise bad_request("invalid_click_id", "click_id must be a 26-character ULID", "click_id")
+    click_id = str(ulid)
+    when = id_time(ulid)
+    recent = await request.app[BUFFER].recent_click(click_id)
+    if recent is not None:
+        return json_response(_view(click_id, when, recent))
+    row = await store.get(request.app[PG], id_uuid(ulid), when)
+    if row is None:
+        raise not_found("no click has this id", code="unknown_click")
+    return json_response(_view(click_id, when, dict(row)))

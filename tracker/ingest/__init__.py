@@ -1,0 +1,1 @@
+"""The path of an event: request facts → pipeline → Redis buffer → batch writer."""

@@ -1,0 +1,33 @@
+"""The tracking parameters a click or pixel URL may carry, checked once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..errors import bad_request
+
+TRACKING_PARAMS = (
+    "pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id",
+    "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id",
+)
+MAX_VALUE = 255
+
+
+def read_params(query: Mapping[str, str]) -> dict[str, str]:
+    """Known parameters only (ad networks append their own; those are ignored). A value that
+    is too long, not UTF-8, or holds control characters is refused by name."""
+    params: dict[str, str] = {}
+    for name in TRACKING_PARAMS:
+        value = query.get(name)
+        if not value:
+            continue
+        if len(value) > MAX_VALUE:
+            raise bad_request("value_too_long", f"{name} must be at most {MAX_VALUE} characters",
+                              name)
+        # aiohttp decodes bytes that are not UTF-8 as U+FFFD.
+        if "\ufffd" in value:
+            raise bad_request("invalid_encoding", f"{name} is not valid UTF-8", name)
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise bad_request("invalid_value", f"{name} must not hold control characters", name)
+        params[name] = value
+    return params

@@ -1,0 +1,101 @@
+"""One object decides what a tracking request records (Shlink's RequestTracker): it turns a
+request for a campaign into an event and hands it to the buffer. Handlers only answer."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .. import metrics
+from ..campaigns import Campaign, decimal_str
+from ..ids import new_id, parse_id
+from ..macros import fill
+from .buffer import EventBuffer
+from .visitor import MAX_REFERER, Countries, UserAgents, clean_header, visitor_of
+
+log = logging.getLogger(__name__)
+
+VISITOR_COOKIE = "tv"
+LAST_CLICK_COOKIE = "tlc"
+
+
+@dataclass(frozen=True, slots=True)
+class Click:
+    click_id: str
+    visitor_id: str
+    location: str
+    recorded: bool
+
+
+class RequestTracker:
+    def __init__(self, buffer: EventBuffer, agents: UserAgents, countries: Countries,
+                 proxy_hops: int) -> None:
+        self._buffer = buffer
+        self._agents = agents
+        self._countries = countries
+        self._proxy_hops = proxy_hops
+        self._rng = random.Random()
+
+    def visitor_id(self, request: web.Request) -> str:
+        cookie = request.cookies.get(VISITOR_COOKIE, "")
+        return cookie if parse_id(cookie) is not None else str(new_id())
+
+    def location(self, campaign: Campaign, params: dict[str, str], click_id: str) -> tuple[str, str]:
+        """(the configured URL picked by weight, that URL with the click's macros filled)."""
+        url, template = campaign.pick(self._rng)
+        values = dict(params, click_id=click_id, campaign=campaign.slug)
+        return url, fill(template, values)
+
+    async def click(self, request: web.Request, campaign: Campaign, params: dict[str, str]) -> Click:
+        click_id = str(new_id())
+        visitor_id = self.visitor_id(request)
+        _, location = self.location(campaign, params, click_id)
+        visitor = visitor_of(request, self._agents, self._countries, self._proxy_hops)
+        event = {
+            "type": "click", "id": click_id, "campaign_id": campaign.id, "campaign": campaign.slug,
+            "visitor_id": visitor_id, **params,
+            "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
+            "user_agent": visitor.user_agent,
+            "referer": clean_header(request.headers.get("Referer", ""), MAX_REFERER),
+            "is_bot": visitor.is_bot, "destination": location,
+            "cost": "0" if visitor.is_bot else decimal_str(campaign.click_cost),
+        }
+        try:
+            unique = await self._buffer.record_click(event, visitor_id, visitor.is_bot)
+        except RedisError as exc:
+            # The visitor still gets their redirect: our outage must not break their journey.
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            metrics.EVENTS_DROPPED.labels("click", "buffer_unavailable").inc()
+            log.warning("click %s not recorded, Redis failed: %r", click_id, exc)
+            return Click(click_id, visitor_id, location, recorded=False)
+        outcome = "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")
+        metrics.EVENTS.labels("click", outcome).inc()
+        return Click(click_id, visitor_id, location, recorded=True)
+
+    async def impression(self, request: web.Request, campaign: Campaign,
+                         params: dict[str, str]) -> bool:
+        visitor = visitor_of(request, self._agents, self._countries, self._proxy_hops)
+        event = {
+            "type": "impression", "id": str(new_id()), "campaign_id": campaign.id,
+            "visitor_id": self.visitor_id(request),
+            **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
+            "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
+            "user_agent": visitor.user_agent, "is_bot": visitor.is_bot,
+            "cost": "0" if visitor.is_bot else decimal_str(campaign.impression_cost),
+        }
+        try:
+            await self._buffer.record(event)
+        except RedisError as exc:
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            metrics.EVENTS_DROPPED.labels("impression", "buffer_unavailable").inc()
+            log.warning("impression not recorded, Redis failed: %r", exc)
+            return False
+        metrics.EVENTS.labels("impression", "bot" if visitor.is_bot else "accepted").inc()
+        return True
+
+
+IMPRESSION_PARAMS = frozenset(["pub", "sub1", "sub2", "sub3", "sub4", "sub5"])

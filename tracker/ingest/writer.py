@@ -1,0 +1,261 @@
+"""The batch writer: Redis Stream → PostgreSQL, exactly once.
+
+XREADGROUP up to N events (or what came within T ms) → one transaction that COPYs them in,
+inserts what is new and folds it into rollups → COMMIT → XACK + XDEL. A crash anywhere before
+the XACK leaves the entries pending; this writer retries them, or, if it died, another claims
+them (XAUTOCLAIM) and the replay inserts nothing twice. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from .. import metrics
+from ..storage import events as store
+from .buffer import Keys
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[str, dict[bytes, bytes]]
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+# Errors that blame the data, not PostgreSQL: only these split a batch to find the culprit.
+# Anything else (connection lost, server restarting, a missing table) retries the whole batch
+# after a pause, so an outage never sends good events to dead_letters.
+DATA_ERRORS = (
+    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class BatchWriter:
+    def __init__(self, redis: aioredis.Redis, connect: Connect, keys: Keys, *,
+                 batch_size: int, wait_ms: int, claim_idle_ms: int,
+                 consumer: str | None = None) -> None:
+        self._redis = redis
+        self._connect = connect
+        self._keys = keys
+        self.batch_size = batch_size
+        self.wait_ms = wait_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.consumer = consumer or consumer_name()
+        self._conn: asyncpg.Connection | None = None
+        self._stopping = asyncio.Event()
+        self._next_claim = 0.0
+        self._next_gauge = 0.0
+        # Entries read but not yet committed: retried before anything new is read.
+        self._held: list[Entry] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self._keys.stream, self._keys.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        """Write until stop(); then drain what is there for up to `drain_seconds`."""
+        backoff = 0.05
+        await self._until_ok(self.ensure_group)
+        # Our own pending entries (a restarted task with the same consumer name).
+        self._held = await self._until_ok(lambda: self._read("0"))
+        while not self._stopping.is_set():
+            try:
+                await self.step()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
+                self._note_failure(exc)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        await self._close_conn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Write what is buffered until the stream is empty or `deadline` (monotonic) passes."""
+        while time.monotonic() < deadline:
+            try:
+                if not await self.step(block=False):
+                    return
+            except Exception as exc:  # noqa: BLE001
+                self._note_failure(exc)
+                return
+
+    # -- one step --------------------------------------------------------------------------
+
+    async def step(self, block: bool = True) -> int:
+        """Read one batch (held, claimed or new), write it, ack it; return its size."""
+        now = time.monotonic()
+        if now >= self._next_gauge:
+            self._next_gauge = now + 1.0
+            await self.update_backlog_gauge()
+        if not self._held and now >= self._next_claim:
+            self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05)
+            self._held = await self.claim()
+        if not self._held:
+            self._held = await self._read(">", block=self.wait_ms if block else None)
+        if not self._held:
+            return 0
+        batch = self._held
+        await self.write(batch)
+        await self._ack([entry_id for entry_id, _ in batch])
+        self._held = []
+        return len(batch)
+
+    async def claim(self) -> list[Entry]:
+        """Entries another writer read and left pending for longer than claim_idle_ms."""
+        reply = await self._redis.xautoclaim(
+            self._keys.stream, self._keys.group, self.consumer,
+            min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch_size)
+        entries = [(_s(i), f) for i, f in reply[1] if f] if reply else []
+        if entries:
+            metrics.EVENTS_CLAIMED.inc(len(entries))
+            log.info("claimed %d pending events from stopped writers", len(entries))
+        return entries
+
+    async def _read(self, start: str, block: int | None = None) -> list[Entry]:
+        reply = await self._redis.xreadgroup(
+            self._keys.group, self.consumer, {self._keys.stream: start},
+            count=self.batch_size, block=block)
+        if not reply:
+            return []
+        _, entries = reply[0]
+        return [(_s(i), f) for i, f in entries if f]
+
+    async def _ack(self, ids: list[str]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._keys.stream, self._keys.group, *ids)
+            # Written entries leave the stream, so its length is the backlog.
+            pipe.xdel(self._keys.stream, *ids)
+            await pipe.execute()
+
+    # -- PostgreSQL ------------------------------------------------------------------------
+
+    async def write(self, batch: list[Entry]) -> None:
+        """Store a batch exactly once. A batch PostgreSQL refuses for its data is split until
+        the refused event stands alone; that one goes to dead_letters."""
+        started = time.perf_counter()
+        conn = await self._connection()
+        try:
+            await self._write_split(conn, batch)
+        except BaseException:
+            # The connection may be broken or mid-transaction: start the retry on a new one.
+            await self._close_conn()
+            raise
+        metrics.BATCH_ROWS.observe(len(batch))
+        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
+
+    async def _write_split(self, conn: asyncpg.Connection, batch: list[Entry]) -> None:
+        clicks, impressions, bad = [], [], []
+        for entry_id, fields in batch:
+            try:
+                event = orjson.loads(fields[b"e"])
+                kind = event["type"]
+                if kind == "click":
+                    clicks.append(store.click_record(event))
+                elif kind == "impression":
+                    impressions.append(store.impression_record(event))
+                else:
+                    raise store.BadEvent(f"unknown event type {kind!r}")
+            except (KeyError, TypeError, orjson.JSONDecodeError, store.BadEvent) as exc:
+                bad.append((entry_id, fields, repr(exc)))
+        try:
+            async with conn.transaction():
+                for entry_id, fields, error in bad:
+                    await store.dead_letter(conn, entry_id, _payload(fields), error)
+                new_clicks, new_impressions = await store.write(conn, clicks, impressions)
+        except DATA_ERRORS as exc:
+            if len(batch) == 1:
+                log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", batch[0][0], exc)
+                async with conn.transaction():
+                    await store.dead_letter(conn, batch[0][0], _payload(batch[0][1]), repr(exc))
+                return
+            half = len(batch) // 2
+            await self._write_split(conn, batch[:half])
+            await self._write_split(conn, batch[half:])
+            return
+        metrics.EVENTS_WRITTEN.labels("click").inc(new_clicks)
+        metrics.EVENTS_WRITTEN.labels("impression").inc(new_impressions)
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect()
+            await store.prepare(self._conn)
+        return self._conn
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    async def backlog(self) -> tuple[int, float]:
+        """(events not yet in PostgreSQL, age in seconds of the oldest)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self._keys.stream)
+            pipe.xrange(self._keys.stream, count=1)
+            length, first = await pipe.execute()
+        age = 0.0
+        if first:
+            first_ms = int(_s(first[0][0]).split("-")[0])
+            age = max(0.0, time.time() - first_ms / 1000)
+        return int(length), age
+
+    async def update_backlog_gauge(self) -> None:
+        length, age = await self.backlog()
+        metrics.BACKLOG.set(length)
+        metrics.BACKLOG_AGE.set(age)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        metrics.BATCH_FAILURES.inc()
+        backend = "redis" if isinstance(exc, RedisError) else "postgres"
+        metrics.BACKEND_ERRORS.labels(backend).inc()
+        log.warning("batch writer: %s error, will retry: %r", backend, exc)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _until_ok(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        backoff = 0.05
+        while True:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._note_failure(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _payload(fields: dict[bytes, bytes]) -> str:
+    raw = fields.get(b"e", b"")
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,22 @@
+"""Typed keys for what the app holds."""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from .campaign_cache import CampaignCache
+from .ingest.buffer import EventBuffer, Keys
+from .ingest.track import RequestTracker
+from .ingest.writer import BatchWriter
+from .settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+PG = web.AppKey("pg", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS_KEYS = web.AppKey("redis_keys", Keys)
+CAMPAIGNS = web.AppKey("campaigns", CampaignCache)
+BUFFER = web.AppKey("buffer", EventBuffer)
+TRACKER = web.AppKey("tracker", RequestTracker)
+WRITER = web.AppKey("writer", BatchWriter)

@@ -1,0 +1,47 @@
+"""The one middleware: count and time every request, and turn every failure into the
+contract's JSON error (never a stack trace, never a 500 for bad input)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from . import metrics
+from .errors import HTTP_CODES, ApiError, error_body, error_response
+
+log = logging.getLogger(__name__)
+
+MAX_URL = 8192
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        if len(request.raw_path) > MAX_URL:
+            raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = web.Response(
+            status=exc.status,
+            body=error_body(exc.status, HTTP_CODES.get(exc.status, "error"), exc.reason),
+            content_type="application/json",
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.rel_url.path)
+        response = web.Response(status=500, body=error_body(500, "internal", "internal error"),
+                                content_type="application/json")
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else "unmatched"
+    status = str(response.status)
+    metrics.HTTP_REQUESTS.labels(label, request.method, status).inc()
+    metrics.HTTP_LATENCY.labels(label, status).observe(time.perf_counter() - started)
+    return response

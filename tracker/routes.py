@@ -1,0 +1,23 @@
+"""The URL map, nothing else."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .handlers import campaigns, clicks, ops, reports, tracking
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/c/{slug}", tracking.click)          # GET and HEAD
+    r.add_get("/i/{slug}", tracking.impression)
+    r.add_post("/api/campaigns", campaigns.create)
+    r.add_get("/api/campaigns", campaigns.list_)
+    r.add_get("/api/campaigns/{id}", campaigns.get)
+    r.add_patch("/api/campaigns/{id}", campaigns.patch)
+    r.add_delete("/api/campaigns/{id}", campaigns.delete)
+    r.add_get("/api/clicks/{click_id}", clicks.get)
+    r.add_get("/api/reports", reports.get)
+    r.add_get("/healthz", ops.healthz)
+    r.add_get("/readyz", ops.readyz)
+    r.add_get("/metrics", ops.metrics_)

@@ -1,0 +1,169 @@
+"""Writing a batch of events: COPY into a temp table, insert what is new, fold only the
+newly inserted rows into the rollups, all in the caller's transaction. A replayed batch
+inserts nothing and so folds nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from ..ids import id_uuid, parse_id
+
+CLICK_COLUMNS = (
+    "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
+    "ext_click_id", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
+    "customer_id", "ip", "country", "device", "user_agent", "referer", "is_unique", "is_bot",
+    "destination", "cost",
+)
+IMPRESSION_COLUMNS = (
+    "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
+    "ip", "country", "device", "user_agent", "is_bot", "cost",
+)
+
+# Temp tables live as long as the writer's connection; rows vanish at each commit.
+CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS incoming_clicks (LIKE clicks) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS incoming_impressions (LIKE impressions) ON COMMIT DELETE ROWS;
+"""
+
+BUCKET = "date_bin('15 minutes', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
+DIMS = "pub, sub1, sub2, sub3, sub4, sub5, country, device"
+
+# ORDER BY: writers in several workers upsert the same rollup rows; taking the row locks in
+# one order keeps them from deadlocking.
+INSERT_CLICKS = f"""
+WITH inserted AS (
+    INSERT INTO clicks SELECT * FROM incoming_clicks
+    ON CONFLICT DO NOTHING
+    RETURNING ts, campaign_id, {DIMS}, is_unique, is_bot, cost
+), folded AS (
+    INSERT INTO rollup_15m AS r (bucket, campaign_id, {DIMS},
+                                 clicks, unique_clicks, bot_clicks, cost)
+    SELECT {BUCKET}, campaign_id, {DIMS},
+           count(*) FILTER (WHERE NOT is_bot),
+           count(*) FILTER (WHERE is_unique AND NOT is_bot),
+           count(*) FILTER (WHERE is_bot),
+           coalesce(sum(cost) FILTER (WHERE NOT is_bot), 0)
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    ON CONFLICT (bucket, campaign_id, dims) DO UPDATE SET
+        clicks = r.clicks + excluded.clicks,
+        unique_clicks = r.unique_clicks + excluded.unique_clicks,
+        bot_clicks = r.bot_clicks + excluded.bot_clicks,
+        cost = r.cost + excluded.cost
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""
+
+INSERT_IMPRESSIONS = f"""
+WITH inserted AS (
+    INSERT INTO impressions SELECT * FROM incoming_impressions
+    ON CONFLICT DO NOTHING
+    RETURNING ts, campaign_id, {DIMS}, is_bot, cost
+), folded AS (
+    INSERT INTO rollup_15m AS r (bucket, campaign_id, {DIMS},
+                                 impressions, bot_impressions, cost)
+    SELECT {BUCKET}, campaign_id, {DIMS},
+           count(*) FILTER (WHERE NOT is_bot),
+           count(*) FILTER (WHERE is_bot),
+           coalesce(sum(cost) FILTER (WHERE NOT is_bot), 0)
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    ON CONFLICT (bucket, campaign_id, dims) DO UPDATE SET
+        impressions = r.impressions + excluded.impressions,
+        bot_impressions = r.bot_impressions + excluded.bot_impressions,
+        cost = r.cost + excluded.cost
+    RETURNING 1
+)
+SELECT count(*) FROM inserted
+"""
+
+INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream_id, payload, error) VALUES ($1, $2, $3)"
+ENSURE_PARTITIONS = "SELECT tracker_ensure_partitions($1, $2)"
+DROP_PARTITIONS = "SELECT tracker_drop_partitions($1)"
+
+
+class BadEvent(ValueError):
+    """An event that can never be stored as it is (malformed in the buffer)."""
+
+
+def _ip(value: Any) -> Any:
+    return ipaddress.ip_address(value) if value else None
+
+
+def _common(event: dict[str, Any]) -> tuple[Any, ...]:
+    ulid = parse_id(event["id"])
+    if ulid is None:
+        raise BadEvent(f"bad id {event.get('id')!r}")
+    ts = datetime.fromtimestamp(ulid.milliseconds / 1000, UTC)
+    return id_uuid(ulid), ts
+
+
+def click_record(event: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        return _common(event) + (
+            int(event["campaign_id"]), event["visitor_id"],
+            event.get("pub", ""), event.get("sub1", ""), event.get("sub2", ""),
+            event.get("sub3", ""), event.get("sub4", ""), event.get("sub5", ""),
+            event.get("ext_click_id", ""), event.get("utm_source", ""),
+            event.get("utm_medium", ""), event.get("utm_campaign", ""),
+            event.get("utm_term", ""), event.get("utm_content", ""),
+            event.get("customer_id", ""), _ip(event.get("ip")), event.get("country", ""),
+            event.get("device", ""), event.get("user_agent", ""), event.get("referer", ""),
+            bool(event["is_unique"]), bool(event["is_bot"]), event["destination"],
+            Decimal(event.get("cost") or "0"),
+        )
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise BadEvent(f"malformed click: {exc!r}") from None
+
+
+def impression_record(event: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        return _common(event) + (
+            int(event["campaign_id"]), event["visitor_id"],
+            event.get("pub", ""), event.get("sub1", ""), event.get("sub2", ""),
+            event.get("sub3", ""), event.get("sub4", ""), event.get("sub5", ""),
+            _ip(event.get("ip")), event.get("country", ""), event.get("device", ""),
+            event.get("user_agent", ""), bool(event["is_bot"]), Decimal(event.get("cost") or "0"),
+        )
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise BadEvent(f"malformed impression: {exc!r}") from None
+
+
+async def prepare(conn: asyncpg.Connection) -> None:
+    await conn.execute(CREATE_STAGING)
+
+
+async def write(conn: asyncpg.Connection, clicks: Sequence[tuple[Any, ...]],
+                impressions: Sequence[tuple[Any, ...]]) -> tuple[int, int]:
+    """Insert a batch inside the caller's transaction; return (new clicks, new impressions)."""
+    new_clicks = new_impressions = 0
+    if clicks:
+        await conn.copy_records_to_table("incoming_clicks", records=clicks, columns=CLICK_COLUMNS)
+        new_clicks = await conn.fetchval(INSERT_CLICKS)
+    if impressions:
+        await conn.copy_records_to_table(
+            "incoming_impressions", records=impressions, columns=IMPRESSION_COLUMNS)
+        new_impressions = await conn.fetchval(INSERT_IMPRESSIONS)
+    return new_clicks, new_impressions
+
+
+async def dead_letter(conn: asyncpg.Connection, stream_id: str, payload: str, error: str) -> None:
+    await conn.execute(INSERT_DEAD_LETTER, stream_id, payload, error[:2000])
+
+
+async def ensure_partitions(conn: asyncpg.Connection | asyncpg.Pool, days_ahead: int) -> None:
+    await conn.execute(ENSURE_PARTITIONS, 2, days_ahead)
+
+
+async def drop_partitions(conn: asyncpg.Connection | asyncpg.Pool, keep_days: int) -> int:
+    dropped: int = await conn.fetchval(DROP_PARTITIONS, keep_days)
+    return dropped

@@ -1,0 +1,64 @@
+"""Applies sql/NNN_name.sql in order, once each, recording what was applied.
+
+Safe to run from several processes at once: an advisory lock lets one migrate at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parent.parent.parent / "sql"
+_NAME = re.compile(r"(\d{3,})_[a-z0-9_]+\.sql")
+
+CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+LOCK = "SELECT pg_advisory_lock(hashtext('tracker_migrations'))"
+UNLOCK = "SELECT pg_advisory_unlock(hashtext('tracker_migrations'))"
+APPLIED = "SELECT version FROM schema_migrations"
+RECORD = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
+
+
+def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    versions = [v for v, _ in found]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"two migrations in {sql_dir} share a number")
+    return found
+
+
+async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply what is missing; return the names applied (empty when up to date)."""
+    conn = await asyncpg.connect(dsn)
+    applied_now: list[str] = []
+    try:
+        await conn.execute(LOCK)
+        try:
+            await conn.execute(CREATE_LEDGER)
+            done = {r["version"] for r in await conn.fetch(APPLIED)}
+            for version, path in migration_files(sql_dir):
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(RECORD, version, path.name)
+                log.info("applied migration %s", path.name)
+                applied_now.append(path.name)
+        finally:
+            await conn.execute(UNLOCK)
+    finally:
+        await conn.close()
+    return applied_now

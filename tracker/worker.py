@@ -1,0 +1,50 @@
+"""One worker process: its own event loop (uvloop), app, pools and batch writer, listening
+with SO_REUSEPORT beside its siblings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from .app import create_app
+from .settings import Settings
+
+# The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
+# instead of aiohttp's plain-text 400.
+HANDLER_ARGS = {"max_line_size": 65536, "max_field_size": 65536}
+SHUTDOWN_TIMEOUT = 5.0
+
+
+def runner_for(app: web.Application) -> web.AppRunner:
+    return web.AppRunner(app, handle_signals=False, access_log=None,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
+
+
+async def serve_worker(settings: Settings) -> None:
+    runner = runner_for(create_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=2048)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Stop accepting, answer what is in flight, flush the buffer (cleanup contexts), exit.
+    await runner.cleanup()
+
+
+def run_worker(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is not built for every platform
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve_worker(settings))
