@@ -50,14 +50,15 @@ def backing() -> Iterator[tuple[str, str]]:
         redis_url = os.environ.get("REDIS_URL", "")
         if db_url:
             name = f"tracker_test_{uuid.uuid4().hex[:10]}"
+            admin_url = db_url
 
             async def create() -> None:
-                conn = await asyncpg.connect(db_url)
+                conn = await asyncpg.connect(admin_url)
                 await conn.execute(f'CREATE DATABASE "{name}"')
                 await conn.close()
 
             async def drop() -> None:
-                conn = await asyncpg.connect(db_url)
+                conn = await asyncpg.connect(admin_url)
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 await conn.close()
 

@@ -30,6 +30,8 @@ from .storage import events as event_store
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DRAIN_SECONDS = 5.0
+REDIS_CONNECTIONS = 256
+REDIS_WAIT_SECONDS = 2.0
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)
 PARTITION_UPKEEP_EVERY = 3600.0
@@ -43,8 +45,11 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[REDIS] = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                         health_check_interval=30)
+    # A blocking pool: at a burst, requests wait a moment for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_SECONDS,
+        socket_connect_timeout=2, health_check_interval=30)
+    app[REDIS] = aioredis.Redis(connection_pool=pool)
     app[REDIS_KEYS] = keys = Keys(settings.redis_prefix)
     app[BUFFER] = buffer = EventBuffer(app[REDIS], keys, settings.click_cache_ttl,
                                        settings.unique_window)

@@ -231,7 +231,7 @@ class BatchWriter:
         metrics.BATCH_FAILURES.inc()
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
         metrics.BACKEND_ERRORS.labels(backend).inc()
-        log.warning("batch writer: %s error, will retry: %r", backend, exc)
+        log.warning("batch writer: %s error, will retry: %s: %s", backend, type(exc).__name__, exc)
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -1,0 +1,106 @@
+"""The batch writer alone: replays, poison events, claiming a dead writer's entries."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from tracker.ingest.buffer import Keys
+from tracker.ingest.writer import BatchWriter
+from tracker.settings import Settings
+from tracker.storage import db
+
+from ..api.test_reports import click, impression
+from ..conftest import Running
+
+
+def writer_for(settings: Settings, redis: aioredis.Redis, **kwargs: int) -> BatchWriter:
+    options = {"batch_size": 500, "wait_ms": 10, "claim_idle_ms": 30_000} | kwargs
+    return BatchWriter(redis, lambda: db.connect(settings.database_url),
+                       Keys(settings.redis_prefix), **options)
+
+
+async def add(redis: aioredis.Redis, settings: Settings, events: list[dict]) -> None:  # type: ignore[type-arg]
+    for event in events:
+        await redis.xadd(Keys(settings.redis_prefix).stream, {"e": orjson.dumps(event)})
+
+
+async def counts(pg: asyncpg.Connection) -> tuple[int, int, int, int]:
+    row = await pg.fetchrow("""
+        SELECT (SELECT count(*) FROM clicks) AS clicks,
+               (SELECT count(*) FROM impressions) AS impressions,
+               (SELECT coalesce(sum(clicks + bot_clicks), 0) FROM rollup_15m) AS rolled_clicks,
+               (SELECT coalesce(sum(impressions + bot_impressions), 0) FROM rollup_15m) AS rolled_imps""")
+    return tuple(row)  # type: ignore[return-value]
+
+
+async def test_a_replayed_batch_changes_nothing(quiet_service: Running, pg: asyncpg.Connection) -> None:
+    s = quiet_service
+    c = await s.create_campaign(slug="replay")
+    now = datetime.now(UTC)
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    await add(redis, s.settings, [click(c["id"], now, pub=str(i % 3)) for i in range(50)]
+              + [impression(c["id"], now) for _ in range(20)])
+    batch = await writer._read(">")
+    assert len(batch) == 70
+    await writer.write(batch)
+    first = await counts(pg)
+    assert first == (50, 20, 50, 20)
+    rollups = await pg.fetch("SELECT * FROM rollup_15m ORDER BY pub")
+    # The writer died after COMMIT, before XACK: the same entries come again.
+    await writer.write(batch)
+    await writer.write(batch[10:30])
+    assert await counts(pg) == first
+    assert await pg.fetch("SELECT * FROM rollup_15m ORDER BY pub") == rollups
+    await redis.aclose()
+
+
+async def test_a_poison_event_goes_to_dead_letters_and_the_rest_is_written(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    s = quiet_service
+    c = await s.create_campaign(slug="poison")
+    now = datetime.now(UTC)
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    good = [click(c["id"], now, sub1=f"ok{i}") for i in range(9)]
+    # PostgreSQL refuses NUL in text: the whole batch fails until the culprit stands alone.
+    refused = click(c["id"], now, sub1="bad\x00value")
+    malformed = {"type": "click", "id": "not-a-ulid"}
+    await add(redis, s.settings, good[:4] + [refused] + good[4:] + [malformed])
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    assert await writer.step(block=False) == 11
+    assert await counts(pg) == (9, 0, 9, 0)
+    dead = await pg.fetch("SELECT payload, error FROM dead_letters ORDER BY id")
+    assert len(dead) == 2
+    assert any("bad\\u0000value" in d["payload"] for d in dead)
+    assert any("not-a-ulid" in d["payload"] for d in dead)
+    assert await redis.xlen(Keys(s.settings.redis_prefix).stream) == 0
+    await redis.aclose()
+
+
+async def test_entries_left_by_a_dead_writer_are_claimed(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    s = quiet_service
+    c = await s.create_campaign(slug="claim")
+    now = datetime.now(UTC)
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    keys = Keys(s.settings.redis_prefix)
+    dead = writer_for(s.settings, redis, batch_size=40)
+    await dead.ensure_group()
+    await add(redis, s.settings, [click(c["id"], now) for _ in range(100)])
+    assert len(await dead._read(">")) == 40  # read, then the process died
+    live = writer_for(s.settings, redis, claim_idle_ms=200)
+    await asyncio.sleep(0.3)
+    while await live.step(block=False):
+        pass
+    assert await counts(pg) == (100, 0, 100, 0)
+    pending = await redis.xpending(keys.stream, keys.group)
+    assert pending["pending"] == 0
+    assert await redis.xlen(keys.stream) == 0
+    await redis.aclose()
