@@ -1,0 +1,211 @@
+"""Redirect throughput and answer-to-PostgreSQL delay, against a baseline from the same run.
+
+    python -m tests.bench.redirects [--seconds 8] [--connections 64] [--workers 2]
+
+Needs `wrk`. Uses DATABASE_URL/REDIS_URL when set, else embedded servers. Prints:
+- req/s and p99 of a bare aiohttp `302` (2 processes, uvloop: the framework's ceiling) and of
+  `tracker serve` on /c/{slug}, and their ratio;
+- whether every answered click reached PostgreSQL, and how long the backlog took to drain;
+- at a nominal rate (a Python client, --rate clicks/s), the delay from each 302 to its row.
+Numbers vary with the machine; only the ratios taken side by side mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+
+from tracker.embedded import servers
+from tracker.ids import uuid_to_id
+
+UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bare_worker(port: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "https://shop.example/lp"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/c/{slug}", redirect)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=2048).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", f"User-Agent: {UA}", url],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return {"rps": rps, "total": total, "errors": int(errors.group(1)) if errors else 0,
+            "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")}
+
+
+async def wait_http(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url, allow_redirects=False) as r:
+                    if r.status < 500:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} never answered")
+
+
+async def nominal_delay(base: str, slug: str, pg: asyncpg.Connection, rate: int,
+                        seconds: int) -> list[float]:
+    """Clicks at `rate`/s; for each, seconds from its 302 to its row being visible."""
+    answered: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        while not stop.is_set() or len(seen) < len(answered):
+            pending = [i for i in answered if i not in seen]
+            if pending:
+                from tracker.ids import id_uuid, parse_id
+
+                uuids = [id_uuid(parse_id(i)) for i in pending]  # type: ignore[arg-type]
+                rows = await pg.fetch("SELECT id FROM clicks WHERE id = ANY($1::uuid[])", uuids)
+                now = time.monotonic()
+                for r in rows:
+                    seen[uuid_to_id(r["id"])] = now
+            await asyncio.sleep(0.01)
+            if stop.is_set() and time.monotonic() - stopped_at > 30:
+                break
+
+    stopped_at = 0.0
+    poller = asyncio.create_task(poll())
+    async with aiohttp.ClientSession(headers={"User-Agent": UA}) as http:
+        async def one() -> None:
+            async with http.get(f"{base}/c/{slug}", allow_redirects=False) as r:
+                cid = parse_qs(urlsplit(r.headers["Location"]).query)["cid"][0]
+                answered[cid] = time.monotonic()
+
+        tasks = []
+        started = time.monotonic()
+        for i in range(rate * seconds):
+            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    stopped_at = time.monotonic()
+    stop.set()
+    await poller
+    return [seen[i] - answered[i] for i in answered if i in seen] + \
+        [float("inf")] * sum(1 for i in answered if i not in seen)
+
+
+async def run(args: argparse.Namespace) -> None:
+    data = Path(tempfile.mkdtemp(prefix="trkb"))
+    with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as (db_url, redis_url):
+        # 1. The baseline: a bare aiohttp 302, same process count.
+        port = free_port()
+        ctx = multiprocessing.get_context("spawn")
+        bare = [ctx.Process(target=_bare_worker, args=(port,), daemon=True) for _ in range(args.workers)]
+        for p in bare:
+            p.start()
+        await wait_http(f"http://127.0.0.1:{port}/c/x")
+        baseline = wrk(f"http://127.0.0.1:{port}/c/x", args.seconds, args.connections)
+        for p in bare:
+            p.kill()
+
+        # 2. tracker serve.
+        port = free_port()
+        prefix = f"b{uuid.uuid4().hex[:8]}:"
+        env = os.environ | {"DATABASE_URL": db_url, "REDIS_URL": redis_url, "TRACKER_API_TOKEN": "b",
+                            "TRACKER_LISTEN": f"127.0.0.1:{port}", "TRACKER_WORKERS": str(args.workers),
+                            "TRACKER_DATA_DIR": str(data), "TRACKER_REDIS_PREFIX": prefix,
+                            "TRACKER_LOG_LEVEL": "WARNING"}
+        proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env)
+        base = f"http://127.0.0.1:{port}"
+        pg = None
+        try:
+            await wait_http(f"{base}/healthz")
+            slug = f"bench{uuid.uuid4().hex[:6]}"
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer b"},
+                                     json={"slug": slug, "cost_model": "cpc", "cost_value": "0.10",
+                                           "destination_url": "https://shop.example/lp?cid={click_id}&s={sub1}"}) as r:
+                    assert r.status == 201, await r.text()
+                    campaign_id = (await r.json())["id"]
+            pg = await asyncpg.connect(db_url)
+            redis = aioredis.Redis.from_url(redis_url)
+            tracked = wrk(f"{base}/c/{slug}?sub1=bench", args.seconds, args.connections)
+            load_end = time.monotonic()
+            while await redis.xlen(f"{prefix}events") > 0 and time.monotonic() - load_end < 120:
+                await asyncio.sleep(0.05)
+            drained = time.monotonic() - load_end
+            stored = await pg.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id)
+            rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
+            delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds)
+            await redis.aclose()
+        finally:
+            if pg is not None:
+                await pg.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    answered = tracked["total"] - tracked["errors"]
+    delays.sort()
+    q = lambda p: delays[min(len(delays) - 1, int(p * len(delays)))]  # noqa: E731
+    print(f"\n{'server':<34} {'req/s':>9} {'p99 ms':>8} {'x bare':>7}")
+    print(f"{'bare aiohttp 302 (baseline)':<34} {baseline['rps']:>9.0f} {baseline['p99_ms']:>8.2f} {1.0:>7.2f}")
+    print(f"{'tracker /c/{slug}':<34} {tracked['rps']:>9.0f} {tracked['p99_ms']:>8.2f} "
+          f"{tracked['rps'] / baseline['rps']:>7.2f}")
+    print(f"\nburst: {answered} clicks answered 302 ({tracked['errors']} errors); "
+          f"{stored} rows in PostgreSQL, rollups count {rolled}; backlog drained {drained:.2f} s after the load stopped")
+    print(f"nominal {args.rate}/s for {args.nominal_seconds} s: 302 → row in PostgreSQL "
+          f"p50 {q(0.5) * 1000:.0f} ms, p99 {q(0.99) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms "
+          f"({len(delays)} clicks)")
+    if statistics.fmean(d != float("inf") for d in delays) < 1:
+        print("WARNING: some clicks never reached PostgreSQL within 30 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--nominal-seconds", type=int, default=10)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
