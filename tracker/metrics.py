@@ -37,6 +37,10 @@ EVENTS = Counter(
 EVENTS_DROPPED = Counter(
     "tracker_events_dropped_total", "Events not recorded, by reason", ["type", "reason"]
 )
+BUFFER_PIPELINE = Histogram(
+    "tracker_buffer_pipeline_commands", "Tracking events sent to Redis in one pipeline",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 BATCH_ROWS = Histogram(
     "tracker_batch_rows", "Events per batch written to PostgreSQL",
     buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000),
@@ -72,6 +76,6 @@ def render() -> tuple[bytes, str]:
     """The text exposition of this process, or of every worker under multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST

@@ -15,6 +15,7 @@ from .errors import HTTP_CODES, ApiError, error_body, error_response
 log = logging.getLogger(__name__)
 
 MAX_URL = 8192
+MAX_HEADER = 8192
 
 
 @web.middleware
@@ -23,6 +24,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if len(request.raw_path) > MAX_URL:
             raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
+        if any(len(value) > MAX_HEADER for _, value in request.raw_headers):
+            raise ApiError(431, "headers_too_large", f"a header must be at most {MAX_HEADER} bytes")
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc)

@@ -14,13 +14,14 @@ from .settings import Settings
 
 # The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
 # instead of aiohttp's plain-text 400.
-HANDLER_ARGS = {"max_line_size": 65536, "max_field_size": 65536}
+MAX_LINE = MAX_FIELD = 65536
 SHUTDOWN_TIMEOUT = 5.0
 
 
 def runner_for(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, handle_signals=False, access_log=None,
-                         shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
+                         shutdown_timeout=SHUTDOWN_TIMEOUT, max_line_size=MAX_LINE,
+                         max_field_size=MAX_FIELD)
 
 
 async def serve_worker(settings: Settings) -> None:

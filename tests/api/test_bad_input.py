@@ -78,6 +78,8 @@ async def test_wrong_method_and_oversized_url(service: Running) -> None:
     assert status == 405 and error["code"] == "method_not_allowed"
     status, error = await error_of(service, "GET", "/c/x?gclid=" + "g" * 9000)
     assert status == 414
+    status, error = await error_of(service, "GET", "/c/x", headers={"X-Big": "b" * 9000})
+    assert status == 431 and error["code"] == "headers_too_large"
 
 
 async def test_raw_non_utf8_bytes_in_the_request_line(service: Running) -> None:

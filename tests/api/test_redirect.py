@@ -178,3 +178,21 @@ async def test_rotation_splits_traffic_by_weight(service: Running, pg: asyncpg.C
     share = hosts.count("a.example") / len(hosts)
     assert set(hosts) == {"a.example", "b.example"}
     assert 0.65 < share < 0.85, share  # 0.75 ± 5 standard deviations
+
+
+async def test_clicks_survive_redis_forgetting_the_script(service: Running,
+                                                         pg: asyncpg.Connection) -> None:
+    """After a Redis restart the script cache is empty: the buffer loads it again."""
+    import redis.asyncio as aioredis
+
+    await service.create_campaign(slug="noscript")
+    redis = aioredis.Redis.from_url(service.settings.redis_url)
+    await redis.script_flush()
+    await redis.aclose()
+    results = await asyncio.gather(*(service.click("noscript") for _ in range(20)))
+    assert all(r.status == 302 for r in results)
+
+    async def twenty() -> bool:
+        return await pg.fetchval("SELECT count(*) FROM clicks") == 20
+
+    assert await eventually(twenty)

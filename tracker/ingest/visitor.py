@@ -24,6 +24,7 @@ def clean_header(value: str, limit: int) -> str:
     return value[:limit].translate(_CONTROL)
 
 
+@lru_cache(maxsize=65536)
 def mask_ip(address: str) -> str | None:
     """The network a visitor is in, never the visitor: IPv4 /24, IPv6 /48."""
     try:

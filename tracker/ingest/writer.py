@@ -124,7 +124,7 @@ class BatchWriter:
 
     async def claim(self) -> list[Entry]:
         """Entries another writer read and left pending for longer than claim_idle_ms."""
-        reply = await self._redis.xautoclaim(
+        reply: Any = await self._redis.xautoclaim(
             self._keys.stream, self._keys.group, self.consumer,
             min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch_size)
         entries = [(_s(i), f) for i, f in reply[1] if f] if reply else []
@@ -134,7 +134,7 @@ class BatchWriter:
         return entries
 
     async def _read(self, start: str, block: int | None = None) -> list[Entry]:
-        reply = await self._redis.xreadgroup(
+        reply: Any = await self._redis.xreadgroup(
             self._keys.group, self.consumer, {self._keys.stream: start},
             count=self.batch_size, block=block)
         if not reply:
