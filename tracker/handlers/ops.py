@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .. import metrics
 from ..keys import PG, REDIS, SETTINGS, WRITER
+from ..storage import db
 from .common import json_response
 
 CHECK_TIMEOUT = 1.0
@@ -23,7 +24,7 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {}
     not_ready: list[str] = []
     try:
-        await asyncio.wait_for(app[PG].fetchval("SELECT 1"), CHECK_TIMEOUT)
+        await asyncio.wait_for(db.ping(app[PG]), CHECK_TIMEOUT)
         body["postgres"] = {"ok": True}
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         body["postgres"] = {"ok": False, "error": type(exc).__name__}

@@ -25,6 +25,13 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     return pool
 
 
+PING = "SELECT 1"
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    await pool.fetchval(PING)
+
+
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
     await init_connection(conn)
