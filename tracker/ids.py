@@ -18,6 +18,23 @@ def new_id(now_ms: int | None = None) -> ULID:
     return ULID.from_bytes(ms.to_bytes(6, "big") + os.urandom(10))
 
 
+# ULIDs are base 32 in Crockford's alphabet; Python's int() reads base 32 in its own.
+# Translating one alphabet to the other decodes in C: the batch writer decodes every id.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_PYTHON = str.maketrans(_CROCKFORD + _CROCKFORD.lower(), "0123456789abcdefghijklmnopqrstuv" * 2)
+
+
+def decode_id(text: str) -> tuple[uuid.UUID, datetime]:
+    """(uuid, time) of a ULID written by new_id; ValueError when `text` is not one."""
+    if len(text) != 26 or not text.isascii():
+        raise ValueError(f"not a ULID: {text!r}")
+    digits = text.translate(_TO_PYTHON)
+    if not digits.isalnum() or digits[0] > "7":
+        raise ValueError(f"not a ULID: {text!r}")
+    value = int(digits, 32)
+    return uuid.UUID(int=value), datetime.fromtimestamp((value >> 80) / 1000, UTC)
+
+
 def parse_id(text: str) -> ULID | None:
     """The ULID spelled by `text`, or None when it is not one."""
     if len(text) != 26:

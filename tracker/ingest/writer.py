@@ -39,6 +39,19 @@ DATA_ERRORS = (
 )
 
 
+# Written entries are acknowledged and leave the stream, so its length is the backlog.
+# KEYS: stream; ARGV: group, ids...
+ACK_AND_DELETE = """
+local group = ARGV[1]
+for i = 2, #ARGV, 4000 do
+    local ids = {unpack(ARGV, i, math.min(i + 3999, #ARGV))}
+    redis.call('XACK', KEYS[1], group, unpack(ids))
+    redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return #ARGV - 1
+"""
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
@@ -60,6 +73,7 @@ class BatchWriter:
         self._next_gauge = 0.0
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Entry] = []
+        self._ack_script = redis.register_script(ACK_AND_DELETE)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -143,11 +157,8 @@ class BatchWriter:
         return [(_s(i), f) for i, f in entries if f]
 
     async def _ack(self, ids: list[str]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.stream, self._keys.group, *ids)
-            # Written entries leave the stream, so its length is the backlog.
-            pipe.xdel(self._keys.stream, *ids)
-            await pipe.execute()
+        # One script, so the ids are encoded and sent once for both commands.
+        await self._ack_script(keys=[self._keys.stream], args=[self._keys.group, *ids])
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
