@@ -31,6 +31,8 @@ def check_url(template: str, allowed: frozenset[str]) -> None:
     not choose where the browser goes)."""
     if any(ch.isspace() or ord(ch) < 0x20 or ch == "\x7f" for ch in template):
         raise TemplateError("must not contain spaces or control characters")
+    if not template.isascii():
+        raise TemplateError("must be ASCII: percent-encode other characters (punycode for hosts)")
     if len(template) > 4096:
         raise TemplateError("must be at most 4096 characters")
     for name in _MACRO.findall(template):

@@ -7,6 +7,7 @@ With several workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPRO
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -70,6 +71,21 @@ POSTBACKS = Counter(
 BACKEND_ERRORS = Counter(
     "tracker_backend_errors_total", "Errors talking to PostgreSQL or Redis", ["backend"]
 )
+
+
+class DropReason(StrEnum):
+    """Why a tracking request recorded nothing: a closed set, each counted."""
+
+    UNKNOWN_CAMPAIGN = "unknown_campaign"
+    CAMPAIGN_PAUSED = "campaign_paused"
+    INVALID_PARAMS = "invalid_params"
+    BUFFER_UNAVAILABLE = "buffer_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+def dropped(kind: str, reason: DropReason) -> None:
+    EVENTS.labels(kind, "rejected").inc()
+    EVENTS_DROPPED.labels(kind, reason.value).inc()
 
 
 def render() -> tuple[bytes, str]:

@@ -39,6 +39,7 @@ async def test_metrics_have_the_contract_families(service: Running) -> None:
     await service.create_campaign(slug="m")
     await service.click("m")
     await service.click("nope")
+    await service.click("m", "sub1=" + "x" * 300)
     async with service.http.get(service.url("/metrics")) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
@@ -51,5 +52,9 @@ async def test_metrics_have_the_contract_families(service: Running) -> None:
         assert family in text, family
     assert 'tracker_http_request_duration_seconds_bucket{le="0.0001",route="/c/{slug}",status="302"}' in text
     assert 'route="/c/{slug}",status="404"' in text
+    assert 'tracker_events_total{outcome="accepted",type="click"}' in text
+    assert 'tracker_events_total{outcome="rejected",type="click"}' in text
+    assert 'tracker_events_dropped_total{reason="invalid_params",type="click"}' in text
+    assert 'tracker_events_dropped_total{reason="unknown_campaign",type="click"}' in text
     # No high-cardinality labels: never a slug.
     assert 'nope' not in text and '"m"' not in text

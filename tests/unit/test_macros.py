@@ -28,6 +28,8 @@ def test_accepts_absolute_http_urls_with_known_macros(url: str) -> None:
     ("https://shop.example/ lp", "spaces"),
     ("https://user:pw@shop.example/", "credentials"),
     ("https:///nohost", "host"),
+    ("https://shop.example/über?x={sub1}", "ASCII"),
+    ("https://bücher.example/", "ASCII"),
 ])
 def test_refuses_what_could_redirect_elsewhere_or_break(url: str, why: str) -> None:
     with pytest.raises(TemplateError, match=why):

@@ -7,6 +7,7 @@ import base64
 from aiohttp import web
 
 from .. import metrics
+from ..metrics import DropReason
 from ..campaigns import SLUG
 from ..errors import ApiError, not_found
 from ..ingest.params import read_params
@@ -20,6 +21,7 @@ LAST_CLICK_AGE = 90 * 24 * 3600
 
 
 def _unknown_link() -> ApiError:
+    metrics.dropped("click", DropReason.UNKNOWN_CAMPAIGN)
     return not_found("no active campaign has this link", code="unknown_link")
 
 
@@ -31,10 +33,15 @@ async def click(request: web.Request) -> web.StreamResponse:
     if campaign is None:
         raise _unknown_link()
     if campaign.status != "active":
+        metrics.dropped("click", DropReason.CAMPAIGN_PAUSED)
         if campaign.fallback_url:
             return _redirect(campaign.fallback_url)
         raise not_found("this campaign is paused", code="campaign_paused")
-    params = read_params(request.query)
+    try:
+        params = read_params(request.query)
+    except ApiError:
+        metrics.dropped("click", DropReason.INVALID_PARAMS)
+        raise
     tracker = request.app[TRACKER]
     if request.method == "HEAD":
         # Link checkers and unfurlers probe with HEAD: same answer, nothing recorded.
@@ -67,14 +74,14 @@ async def impression(request: web.Request) -> web.StreamResponse:
             slug = request.match_info["slug"]
             campaign = await request.app[CAMPAIGNS].get(slug) if SLUG.fullmatch(slug) else None
             if campaign is None:
-                metrics.EVENTS_DROPPED.labels("impression", "unknown_campaign").inc()
+                metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN)
             else:
                 await request.app[TRACKER].impression(
                     request, campaign, read_params(request.query))
         except ApiError:
-            metrics.EVENTS_DROPPED.labels("impression", "invalid_params").inc()
+            metrics.dropped("impression", DropReason.INVALID_PARAMS)
         except Exception:  # noqa: BLE001 - whatever failed is counted, the GIF still goes out
-            metrics.EVENTS_DROPPED.labels("impression", "internal_error").inc()
+            metrics.dropped("impression", DropReason.INTERNAL_ERROR)
             request.app.logger.exception("impression not recorded")
     return gif()
 

@@ -69,7 +69,7 @@ class RequestTracker:
         except RedisError as exc:
             # The visitor still gets their redirect: our outage must not break their journey.
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.EVENTS_DROPPED.labels("click", "buffer_unavailable").inc()
+            metrics.dropped("click", metrics.DropReason.BUFFER_UNAVAILABLE)
             log.warning("click %s not recorded, Redis failed: %r", click_id, exc)
             return Click(click_id, visitor_id, location, recorded=False)
         outcome = "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")
@@ -91,7 +91,7 @@ class RequestTracker:
             await self._buffer.record(event)
         except RedisError as exc:
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.EVENTS_DROPPED.labels("impression", "buffer_unavailable").inc()
+            metrics.dropped("impression", metrics.DropReason.BUFFER_UNAVAILABLE)
             log.warning("impression not recorded, Redis failed: %r", exc)
             return False
         metrics.EVENTS.labels("impression", "bot" if visitor.is_bot else "accepted").inc()
