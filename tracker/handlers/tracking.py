@@ -1,18 +1,25 @@
-"""The public tracking endpoints: the redirect and the impression pixel."""
+"""The public tracking endpoints: the redirect and the impression pixel.
+
+The answer to a hit is decided once, here, as an `Answer`; the fast path (fastpath.py) writes
+it straight to the socket, and the aiohttp routes (for connections the fast path handed over)
+turn it into a web.Response.
+"""
 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from .. import metrics
-from ..metrics import DropReason
 from ..campaigns import SLUG
-from ..errors import ApiError, not_found
+from ..errors import ApiError, error_body, not_found
 from ..ingest.params import read_params
 from ..ingest.track import LAST_CLICK_COOKIE, VISITOR_COOKIE
+from ..ingest.visitor import Hit
 from ..keys import CAMPAIGNS, SETTINGS, TRACKER
+from ..metrics import DropReason
 
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 NO_STORE = "no-store"
@@ -20,73 +27,116 @@ YEAR = 365 * 24 * 3600
 LAST_CLICK_AGE = 90 * 24 * 3600
 
 
-def _unknown_link() -> ApiError:
-    metrics.dropped("click", DropReason.UNKNOWN_CAMPAIGN)
-    return not_found("no active campaign has this link", code="unknown_link")
+@dataclass(slots=True)
+class Answer:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    content_type: str | None = None
 
 
-async def click(request: web.Request) -> web.StreamResponse:
-    slug = request.match_info["slug"]
-    if not SLUG.fullmatch(slug):
-        raise _unknown_link()
-    campaign = await request.app[CAMPAIGNS].get(slug)
-    if campaign is None:
-        raise _unknown_link()
-    if campaign.status != "active":
-        metrics.dropped("click", DropReason.CAMPAIGN_PAUSED)
-        if campaign.fallback_url:
-            return _redirect(campaign.fallback_url)
-        raise not_found("this campaign is paused", code="campaign_paused")
-    try:
-        params = read_params(request.query)
-    except ApiError:
-        metrics.dropped("click", DropReason.INVALID_PARAMS)
-        raise
-    tracker = request.app[TRACKER]
-    if request.method == "HEAD":
-        # Link checkers and unfurlers probe with HEAD: same answer, nothing recorded.
-        _, location = tracker.location(campaign, params, "")
-        return _redirect(location)
-    result = await tracker.click(request, campaign, params)
-    response = _redirect(result.location)
-    # Written by hand: both values are ULIDs (nothing to quote), and http.cookies' Morsel
-    # costs more than the rest of the response.
-    attributes = _cookie_attributes(request.app[SETTINGS].secure_cookies)
-    response.headers.add("Set-Cookie", f"{VISITOR_COOKIE}={result.visitor_id}; Max-Age={YEAR}{attributes}")
-    if result.recorded:
-        response.headers.add(
-            "Set-Cookie", f"{LAST_CLICK_COOKIE}={result.click_id}; Max-Age={LAST_CLICK_AGE}{attributes}")
-    return response
+def _error(exc: ApiError) -> Answer:
+    return Answer(exc.status, [("Cache-Control", NO_STORE)],
+                  error_body(exc.status, exc.code, exc.message, exc.field), "application/json")
+
+
+def _redirect(location: str) -> Answer:
+    return Answer(302, [("Location", location), ("Cache-Control", NO_STORE)])
 
 
 def _cookie_attributes(secure: bool) -> str:
     return "; Path=/; HttpOnly; SameSite=None; Secure" if secure else "; Path=/; HttpOnly; SameSite=Lax"
 
 
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": NO_STORE})
+async def answer_click(app: web.Application, hit: Hit) -> Answer:
+    try:
+        return await _click(app, hit)
+    except ApiError as exc:
+        return _error(exc)
+
+
+async def _click(app: web.Application, hit: Hit) -> Answer:
+    campaign = await app[CAMPAIGNS].get(hit.slug) if SLUG.fullmatch(hit.slug) else None
+    if campaign is None:
+        metrics.dropped("click", DropReason.UNKNOWN_CAMPAIGN)
+        raise not_found("no active campaign has this link", code="unknown_link")
+    if campaign.status != "active":
+        metrics.dropped("click", DropReason.CAMPAIGN_PAUSED)
+        if campaign.fallback_url:
+            return _redirect(campaign.fallback_url)
+        raise not_found("this campaign is paused", code="campaign_paused")
+    try:
+        params = read_params(hit.query)
+    except ApiError:
+        metrics.dropped("click", DropReason.INVALID_PARAMS)
+        raise
+    tracker = app[TRACKER]
+    if hit.method == "HEAD":
+        # Link checkers and unfurlers probe with HEAD: same answer, nothing recorded.
+        return _redirect(tracker.location(campaign, params, "")[1])
+    result = await tracker.click(hit, campaign, params)
+    answer = _redirect(result.location)
+    # Written by hand: both values are ULIDs (nothing to quote), and http.cookies' Morsel
+    # costs more than the rest of the response.
+    attributes = _cookie_attributes(app[SETTINGS].secure_cookies)
+    answer.headers.append(("Set-Cookie", f"{VISITOR_COOKIE}={result.visitor_id}; Max-Age={YEAR}{attributes}"))
+    if result.recorded:
+        answer.headers.append(
+            ("Set-Cookie", f"{LAST_CLICK_COOKIE}={result.click_id}; Max-Age={LAST_CLICK_AGE}{attributes}"))
+    return answer
+
+
+PIXEL = Answer(200, [("Cache-Control", NO_STORE)], GIF, "image/gif")
+
+
+async def answer_pixel(app: web.Application, hit: Hit) -> Answer:
+    """Always the GIF: a broken pixel must never break the page that carries it."""
+    if hit.method == "HEAD":
+        return PIXEL
+    try:
+        campaign = await app[CAMPAIGNS].get(hit.slug) if SLUG.fullmatch(hit.slug) else None
+        if campaign is None:
+            metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN)
+        else:
+            await app[TRACKER].impression(hit, campaign, read_params(hit.query))
+    except ApiError:
+        metrics.dropped("impression", DropReason.INVALID_PARAMS)
+    except Exception:  # noqa: BLE001 - whatever failed is counted, the GIF still goes out
+        metrics.dropped("impression", DropReason.INTERNAL_ERROR)
+        app.logger.exception("impression not recorded")
+    return PIXEL
+
+
+# -- aiohttp routes ----------------------------------------------------------------------------
+
+
+def hit_of(request: web.Request) -> Hit:
+    headers = request.headers
+    country_header = request.app[TRACKER].country_header
+    return Hit(
+        method=request.method,
+        slug=request.match_info["slug"],
+        query=request.query,
+        peer=request.remote or "",
+        user_agent=headers.get("User-Agent", ""),
+        referer=headers.get("Referer", ""),
+        visitor_cookie=request.cookies.get(VISITOR_COOKIE, ""),
+        forwarded_for=headers.get("X-Forwarded-For", ""),
+        country_header=headers.get(country_header, "") if country_header else "",
+    )
+
+
+def response_of(answer: Answer) -> web.Response:
+    response = web.Response(status=answer.status, body=answer.body or None,
+                            content_type=answer.content_type)
+    for name, value in answer.headers:
+        response.headers.add(name, value)
+    return response
+
+
+async def click(request: web.Request) -> web.StreamResponse:
+    return response_of(await answer_click(request.app, hit_of(request)))
 
 
 async def impression(request: web.Request) -> web.StreamResponse:
-    """Always the GIF: a broken pixel must never break the page that carries it."""
-    if request.method != "HEAD":
-        try:
-            slug = request.match_info["slug"]
-            campaign = await request.app[CAMPAIGNS].get(slug) if SLUG.fullmatch(slug) else None
-            if campaign is None:
-                metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN)
-            else:
-                await request.app[TRACKER].impression(
-                    request, campaign, read_params(request.query))
-        except ApiError:
-            metrics.dropped("impression", DropReason.INVALID_PARAMS)
-        except Exception:  # noqa: BLE001 - whatever failed is counted, the GIF still goes out
-            metrics.dropped("impression", DropReason.INTERNAL_ERROR)
-            request.app.logger.exception("impression not recorded")
-    return gif()
-
-
-def gif() -> web.Response:
-    return web.Response(body=GIF, content_type="image/gif",
-                        headers={"Cache-Control": NO_STORE})
-
+    return response_of(await answer_pixel(request.app, hit_of(request)))

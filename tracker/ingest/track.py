@@ -7,15 +7,15 @@ import logging
 import random
 from dataclasses import dataclass
 
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from .. import metrics
+from ..metrics import DropReason
 from ..campaigns import Campaign, decimal_str
 from ..ids import new_id, parse_id
 from ..macros import fill
 from .buffer import EventBuffer
-from .visitor import MAX_REFERER, Countries, UserAgents, clean_header, visitor_of
+from .visitor import MAX_REFERER, Countries, Hit, UserAgents, clean_header, visitor_of
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,11 @@ class RequestTracker:
         self._countries = countries
         self._proxy_hops = proxy_hops
         self._rng = random.Random()
+        # Which request header carries a trusted country code (read by the servers).
+        self.country_header = countries.header
 
-    def visitor_id(self, request: web.Request) -> str:
-        cookie = request.cookies.get(VISITOR_COOKIE, "")
+    def visitor_id(self, hit: Hit) -> str:
+        cookie = hit.visitor_cookie
         return cookie if parse_id(cookie) is not None else str(new_id())
 
     def location(self, campaign: Campaign, params: dict[str, str], click_id: str) -> tuple[str, str]:
@@ -50,17 +52,17 @@ class RequestTracker:
         values = dict(params, click_id=click_id, campaign=campaign.slug)
         return url, fill(template, values)
 
-    async def click(self, request: web.Request, campaign: Campaign, params: dict[str, str]) -> Click:
+    async def click(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> Click:
         click_id = str(new_id())
-        visitor_id = self.visitor_id(request)
+        visitor_id = self.visitor_id(hit)
         _, location = self.location(campaign, params, click_id)
-        visitor = visitor_of(request, self._agents, self._countries, self._proxy_hops)
+        visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {
             "type": "click", "id": click_id, "campaign_id": campaign.id, "campaign": campaign.slug,
             "visitor_id": visitor_id, **params,
             "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
             "user_agent": visitor.user_agent,
-            "referer": clean_header(request.headers.get("Referer", ""), MAX_REFERER),
+            "referer": clean_header(hit.referer, MAX_REFERER),
             "is_bot": visitor.is_bot, "destination": location,
             "cost": "0" if visitor.is_bot else decimal_str(campaign.click_cost),
         }
@@ -69,19 +71,18 @@ class RequestTracker:
         except RedisError as exc:
             # The visitor still gets their redirect: our outage must not break their journey.
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.dropped("click", metrics.DropReason.BUFFER_UNAVAILABLE)
+            metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
             log.warning("click %s not recorded, Redis failed: %r", click_id, exc)
             return Click(click_id, visitor_id, location, recorded=False)
         outcome = "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")
         metrics.EVENTS.labels("click", outcome).inc()
         return Click(click_id, visitor_id, location, recorded=True)
 
-    async def impression(self, request: web.Request, campaign: Campaign,
-                         params: dict[str, str]) -> bool:
-        visitor = visitor_of(request, self._agents, self._countries, self._proxy_hops)
+    async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
+        visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {
             "type": "impression", "id": str(new_id()), "campaign_id": campaign.id,
-            "visitor_id": self.visitor_id(request),
+            "visitor_id": self.visitor_id(hit),
             **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
             "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
             "user_agent": visitor.user_agent, "is_bot": visitor.is_bot,
@@ -91,7 +92,7 @@ class RequestTracker:
             await self._buffer.record(event)
         except RedisError as exc:
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.dropped("impression", metrics.DropReason.BUFFER_UNAVAILABLE)
+            metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
             log.warning("impression not recorded, Redis failed: %r", exc)
             return False
         metrics.EVENTS.labels("impression", "bot" if visitor.is_bot else "accepted").inc()

@@ -6,11 +6,11 @@ Shlink's rule: visitor data is truncated and flagged in one place, here.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from aiohttp import web
 from crawlerdetect import CrawlerDetect
 from user_agents import parse as parse_ua
 
@@ -37,15 +37,30 @@ def mask_ip(address: str) -> str | None:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
 
-def client_ip(request: web.Request, proxy_hops: int) -> str:
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """What a tracking request carries, read once by whichever server took it (the fast path
+    or aiohttp): everything the pipeline looks at, nothing else."""
+
+    method: str
+    slug: str
+    query: Mapping[str, str]      # first value of each parameter
+    peer: str                     # the connection's address
+    user_agent: str = ""
+    referer: str = ""
+    visitor_cookie: str = ""
+    forwarded_for: str = ""
+    country_header: str = ""      # the value of the configured trusted country header
+
+
+def client_ip(hit: Hit, proxy_hops: int) -> str:
     """The visitor's address: the peer, or the entry `proxy_hops` from the right of
     X-Forwarded-For when that many trusted proxies stand in front of us."""
     if proxy_hops > 0:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        hops = [h.strip() for h in hit.forwarded_for.split(",") if h.strip()]
         if len(hops) >= proxy_hops:
             return hops[-proxy_hops]
-    return request.remote or ""
+    return hit.peer
 
 
 class UserAgents:
@@ -82,9 +97,9 @@ class Countries:
             import maxminddb
 
             self._reader = maxminddb.open_database(mmdb_path)
-        self._header = header
+        self.header = header
 
-    def lookup(self, request: web.Request, address: str) -> str:
+    def lookup(self, hit: Hit, address: str) -> str:
         if self._reader is not None and address:
             try:
                 record = self._reader.get(address)
@@ -95,8 +110,8 @@ class Countries:
                 code = country.get("iso_code") if isinstance(country, dict) else None
                 if isinstance(code, str) and len(code) == 2:
                     return code.upper()
-        if self._header:
-            code = request.headers.get(self._header, "").strip().upper()
+        if hit.country_header:
+            code = hit.country_header.strip().upper()
             # Cloudflare's XX (unknown) and T1 (Tor) are not countries.
             if len(code) == 2 and code.isascii() and code.isalpha() and code != "XX":
                 return code
@@ -116,14 +131,13 @@ class Visitor:
     user_agent: str
 
 
-def visitor_of(request: web.Request, agents: UserAgents, countries: Countries,
-               proxy_hops: int) -> Visitor:
-    address = client_ip(request, proxy_hops)
-    user_agent = clean_header(request.headers.get("User-Agent", ""), MAX_UA)
+def visitor_of(hit: Hit, agents: UserAgents, countries: Countries, proxy_hops: int) -> Visitor:
+    address = client_ip(hit, proxy_hops)
+    user_agent = clean_header(hit.user_agent, MAX_UA)
     is_bot, device = agents.classify(user_agent)
     return Visitor(
         ip=mask_ip(address) if address else None,
-        country=countries.lookup(request, address),
+        country=countries.lookup(hit, address),
         device=device,
         is_bot=is_bot,
         user_agent=user_agent,
