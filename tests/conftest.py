@@ -30,7 +30,8 @@ from tracker.embedded import embedded_postgres, embedded_redis
 from tracker.keys import WRITER
 from tracker.settings import Settings
 from tracker.storage.migrations import migrate
-from tracker.worker import runner_for
+from tracker.fastpath import FastServer
+from tracker.worker import SHUTDOWN_TIMEOUT, runner_for
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -113,8 +114,13 @@ class Running:
 
     app: web.Application
     base: str
-    http: aiohttp.ClientSession
+    http: aiohttp.ClientSession     # the operator API: its connections end up with aiohttp
     settings: Settings
+    track: aiohttp.ClientSession    # tracking only: its connections stay on the fast path
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.track.close()
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -128,7 +134,7 @@ class Running:
 
     async def click(self, slug: str, query: str = "", **kwargs: Any) -> aiohttp.ClientResponse:
         path = f"/c/{slug}" + (f"?{query}" if query else "")
-        async with self.http.get(self.url(path), allow_redirects=False, **kwargs) as r:
+        async with self.track.get(self.url(path), allow_redirects=False, **kwargs) as r:
             await r.read()
             return r
 
@@ -144,23 +150,38 @@ BROWSER = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML,
            "Chrome/120.0 Safari/537.36")
 
 
-async def start(settings: Settings, *, run_writer: bool = True) -> tuple[web.AppRunner, Running]:
+class Runner:
+    """A worker's servers as tracker.worker runs them: the fast path listening, aiohttp
+    behind it for the connections it hands over."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, fast: FastServer) -> None:
+        self.app, self.runner, self.fast = app, runner, fast
+
+    async def cleanup(self) -> None:
+        await self.fast.stop(SHUTDOWN_TIMEOUT)
+        await self.runner.cleanup()
+
+
+async def start(settings: Settings, *, run_writer: bool = True) -> tuple[Runner, Running]:
     app = create_app(settings, run_writer=run_writer)
     runner = runner_for(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    fast = FastServer(app, runner)
+    await fast.start(settings.host, settings.port)
     http = aiohttp.ClientSession(
         headers={"User-Agent": BROWSER}, cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=200))
-    return runner, Running(app, f"http://{settings.listen}", http, settings)
+    track = aiohttp.ClientSession(
+        headers={"User-Agent": BROWSER}, cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=200))
+    return Runner(app, runner, fast), Running(app, f"http://{settings.listen}", http, settings, track)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def service(settings: Settings) -> AsyncIterator[Running]:
     runner, running = await start(settings)
     yield running
-    await running.http.close()
+    await running.close()
     await runner.cleanup()
 
 
@@ -169,7 +190,7 @@ async def quiet_service(settings: Settings) -> AsyncIterator[Running]:
     """A worker whose batch writer does not run: events stay in Redis until a test says."""
     runner, running = await start(settings, run_writer=False)
     yield running
-    await running.http.close()
+    await running.close()
     await runner.cleanup()
 
 

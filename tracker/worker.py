@@ -10,6 +10,7 @@ import signal
 from aiohttp import web
 
 from .app import create_app
+from .fastpath import serving
 from .settings import Settings
 
 # The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
@@ -25,16 +26,18 @@ def runner_for(app: web.Application) -> web.AppRunner:
 
 
 async def serve_worker(settings: Settings) -> None:
-    runner = runner_for(create_app(settings))
+    app = create_app(settings)
+    runner = runner_for(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=2048)
-    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    # Stop accepting, answer what is in flight, flush the buffer (cleanup contexts), exit.
+    # The fast path listens; it hands non-tracking connections to aiohttp (runner.server).
+    async with serving(app, runner, settings.host, settings.port, SHUTDOWN_TIMEOUT):
+        await stop.wait()
+        # Leaving: stop accepting, answer what is in flight.
+    # Then aiohttp's connections, then the cleanup contexts (the writer flushes the buffer).
     await runner.cleanup()
 
 

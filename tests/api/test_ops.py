@@ -31,7 +31,7 @@ async def test_readyz_is_503_naming_the_backlog_when_it_is_over_its_limit(settin
         assert body["backlog"]["events"] == 3 and body["backlog"]["limit"] == 3
         assert body["postgres"]["ok"] and body["redis"]["ok"]
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()
 
 

@@ -57,7 +57,7 @@ async def test_pixel_and_redirect_answer_when_redis_is_gone(settings: Settings,
         assert r.status == 302 and r.headers["Location"].startswith("https://shop.example/lp")
         assert (dropped("impression"), dropped("click")) == (before[0] + 1, before[1] + 1)
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()
 
 

@@ -57,7 +57,7 @@ async def test_cookies_are_samesite_none_secure_behind_https(settings: Settings)
         for header in headers:
             assert "Secure" in header and "SameSite=None" in header, header
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()
 
 
@@ -151,7 +151,7 @@ async def test_unique_once_per_visitor_and_campaign_within_the_window(
         assert [r["is_unique"] for r in rows] == [True, False, True, True, True]
         assert rows[1]["visitor_id"] == visitor
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()
 
 

@@ -40,7 +40,7 @@ async def test_a_change_made_on_one_worker_reaches_the_others(settings: Settings
         assert (await b.click("shared")).status == 404
     finally:
         for runner, running in [(runner_a, a), (runner_b, b)]:
-            await running.http.close()
+            await running.close()
             await runner.cleanup()
 
 
@@ -72,5 +72,5 @@ async def test_country_comes_from_a_geoip2_file_before_any_header(
         await running.click("geo2", headers={"CF-IPCountry": "DE"})
         assert await eventually(lambda: pg.fetchval("SELECT country FROM clicks")) == "NZ"
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()

@@ -52,6 +52,6 @@ async def test_redirects_survive_a_postgres_outage_and_the_backlog_drains(settin
         status, body = await running.api("GET", "/readyz", headers={})
         assert status == 200, body
     finally:
-        await running.http.close()
+        await running.close()
         await runner.cleanup()
         outage.__exit__(None, None, None)

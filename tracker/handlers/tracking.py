@@ -35,7 +35,7 @@ class Answer:
     content_type: str | None = None
 
 
-def _error(exc: ApiError) -> Answer:
+def error_answer(exc: ApiError) -> Answer:
     return Answer(exc.status, [("Cache-Control", NO_STORE)],
                   error_body(exc.status, exc.code, exc.message, exc.field), "application/json")
 
@@ -52,7 +52,7 @@ async def answer_click(app: web.Application, hit: Hit) -> Answer:
     try:
         return await _click(app, hit)
     except ApiError as exc:
-        return _error(exc)
+        return error_answer(exc)
 
 
 async def _click(app: web.Application, hit: Hit) -> Answer:

@@ -1,0 +1,107 @@
+"""The tracking fast path speaks HTTP/1.1 itself: framing, pipelining, handing a connection
+over to aiohttp, and answers identical to aiohttp's for the same request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tracker.handlers.tracking import GIF
+
+from ..conftest import AUTH, BROWSER, Running
+
+
+async def raw(service: Running, payload: bytes, read_until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection(service.settings.host, service.settings.port)
+    writer.write(payload)
+    await writer.drain()
+    if read_until_close:
+        data = await asyncio.wait_for(reader.read(), 10)
+    else:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    return data
+
+
+def responses(data: bytes) -> list[tuple[int, dict[str, list[str]], bytes]]:
+    """Split a stream of HTTP/1.1 responses (all with Content-Length)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(": ")
+            headers.setdefault(name.lower(), []).append(value)
+        length = int(headers.get("content-length", ["0"])[0])
+        out.append((int(lines[0].split()[1]), headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+async def test_both_servers_answer_a_click_alike(service: Running) -> None:
+    await service.create_campaign(slug="alike")
+    fast = await service.click("alike", "sub1=a")
+    # service.http's connection went to aiohttp when it created the campaign.
+    async with service.http.get(service.url("/c/alike?sub1=a"), allow_redirects=False) as slow:
+        await slow.read()
+    for r in (fast, slow):
+        assert r.status == 302
+        assert r.headers["Location"].startswith("https://shop.example/lp?cid=")
+        assert r.headers["Cache-Control"] == "no-store"
+        cookies = sorted(h.split("=", 1)[0] for h in r.headers.getall("Set-Cookie"))
+        assert cookies == ["tlc", "tv"]
+    assert [h.split(";", 1)[1] for h in fast.headers.getall("Set-Cookie")] == \
+        [h.split(";", 1)[1] for h in slow.headers.getall("Set-Cookie")]
+    for path in ["/c/none", "/c/alike?sub1=" + "x" * 300]:
+        async with service.track.get(service.url(path), allow_redirects=False) as a:
+            fast_body = await a.json()
+        async with service.http.get(service.url(path), allow_redirects=False) as b:
+            slow_body = await b.json()
+        assert (a.status, fast_body) == (b.status, slow_body)
+
+
+async def test_pipelined_requests_are_answered_in_order(service: Running) -> None:
+    await service.create_campaign(slug="pipe", destination_url="https://shop.example/?s={sub1}")
+    ua = f"User-Agent: {BROWSER}\r\n".encode()
+    payload = b"".join(
+        b"GET /c/pipe?sub1=" + str(i).encode() + b" HTTP/1.1\r\nHost: t\r\n" + ua + b"\r\n"
+        for i in range(5)) + b"GET /i/pipe HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    got = responses(await raw(service, payload))
+    assert [status for status, _, _ in got] == [302] * 5 + [200]
+    assert [h["location"][0].rsplit("=", 1)[1] for _, h, _ in got[:5]] == [str(i) for i in range(5)]
+    assert got[5][1]["content-type"] == ["image/gif"] and got[5][2] == GIF
+    assert got[5][1]["connection"] == ["close"]
+
+
+async def test_a_connection_is_handed_to_aiohttp_mid_stream(service: Running) -> None:
+    await service.create_campaign(slug="mixed")
+    payload = (b"GET /c/mixed HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"GET /api/campaigns HTTP/1.1\r\nHost: t\r\nAuthorization: "
+               + AUTH["Authorization"].encode() + b"\r\nConnection: close\r\n\r\n")
+    data = await raw(service, payload)
+    assert data.count(b"HTTP/1.1 ") == 3
+    assert data.startswith(b"HTTP/1.1 302 Found")
+    assert b'{"status":"ok"}' in data and b'"slug":"mixed"' in data
+
+
+async def test_http_1_0_head_and_bodies(service: Running) -> None:
+    await service.create_campaign(slug="old")
+    got = responses(await raw(service, b"GET /c/old HTTP/1.0\r\n\r\n"))
+    assert got[0][0] == 302
+    got = responses(await raw(service, b"HEAD /i/old HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+    assert got[0][0] == 200 and got[0][1]["content-length"] == [str(len(GIF))]
+    assert got[0][2] == b""
+    # A body on a tracking route: aiohttp takes the connection and refuses the method.
+    data = await raw(service, b"POST /c/old HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                              b"Connection: close\r\n\r\nhi")
+    assert data.startswith(b"HTTP/1.1 405")
+    assert b'"code":"method_not_allowed"' in data
+
+
+async def test_garbage_gets_a_json_400_and_the_connection_closes(service: Running) -> None:
+    data = await raw(service, b"GET /c/x HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400")
+    assert b'"code":"bad_request"' in data
+    data = await raw(service, b"GET /c/" + b"x" * 70_000)
+    assert data.startswith(b"HTTP/1.1 431")
