@@ -11,9 +11,11 @@ from aiohttp.typedefs import Handler
 
 from . import metrics
 from .errors import HTTP_CODES, ApiError, error_body, error_response
+from .handlers.common import require_token
 
 log = logging.getLogger(__name__)
 
+OPERATOR_API = "/api/"
 MAX_URL = 8192
 MAX_HEADER = 8192
 
@@ -26,6 +28,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
         if any(len(value) > MAX_HEADER for _, value in request.raw_headers):
             raise ApiError(431, "headers_too_large", f"a header must be at most {MAX_HEADER} bytes")
+        if request.path.startswith(OPERATOR_API):
+            # Before routing: without a valid token, every /api/ path answers 401, even one
+            # that does not exist, so the API's shape is not probed for free.
+            require_token(request)
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc)

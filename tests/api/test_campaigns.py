@@ -105,7 +105,8 @@ async def test_every_operator_route_needs_the_token(service: Running) -> None:
     routes = [("GET", "/api/campaigns"), ("POST", "/api/campaigns"),
               ("GET", f"/api/campaigns/{c['id']}"), ("PATCH", f"/api/campaigns/{c['id']}"),
               ("DELETE", f"/api/campaigns/{c['id']}"), ("GET", "/api/reports"),
-              ("GET", "/api/clicks/01JD0000000000000000000000")]
+              ("GET", "/api/clicks/01JD0000000000000000000000"), ("GET", "/api/nothing-here"),
+              ("PUT", "/api/campaigns")]
     for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="},
                     {"Authorization": "Bearer"}, {"Authorization": AUTH["Authorization"] + "x"}]:
         for method, path in routes:

@@ -14,7 +14,7 @@ from ..ids import id_time, id_uuid, parse_id
 from ..ingest.params import TRACKING_PARAMS
 from ..keys import BUFFER, PG
 from ..storage import clicks as store
-from .common import json_response, require_token
+from .common import json_response
 
 FIELDS = ("campaign_id", "campaign", *TRACKING_PARAMS, "country", "device", "ip",
           "is_unique", "is_bot", "destination")
@@ -33,7 +33,6 @@ def _view(click_id: str, when: datetime, source: Any) -> dict[str, Any]:
 
 
 async def get(request: web.Request) -> web.Response:
-    require_token(request)
     raw = request.match_info["click_id"]
     ulid = parse_id(raw)
     if ulid is None:
