@@ -52,6 +52,9 @@ CREATE TABLE clicks (
     is_bot       boolean NOT NULL,
     destination  text NOT NULL,
     cost         numeric(20, 6) NOT NULL DEFAULT 0,
+    -- When the batch that stored the row began: written_at - ts is the event's way from
+    -- its answer (ts) into PostgreSQL, the lag the service promises to keep under 2 s.
+    written_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (id, ts)
 ) PARTITION BY RANGE (ts);
 
@@ -75,6 +78,7 @@ CREATE TABLE impressions (
     user_agent  text NOT NULL DEFAULT '',
     is_bot      boolean NOT NULL,
     cost        numeric(20, 6) NOT NULL DEFAULT 0,
+    written_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (id, ts)
 ) PARTITION BY RANGE (ts);
 

@@ -172,6 +172,10 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             drained = time.monotonic() - load_end
             stored = await pg.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id)
+            lag = await pg.fetchrow(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY written_at - ts) AS p50,"
+                " percentile_cont(0.99) WITHIN GROUP (ORDER BY written_at - ts) AS p99,"
+                " max(written_at - ts) AS max FROM clicks WHERE campaign_id = $1", campaign_id)
             rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
             delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds)
             await redis.aclose()
@@ -190,6 +194,9 @@ async def run(args: argparse.Namespace) -> None:
           f"{tracked['rps'] / baseline['rps']:>7.2f}")
     print(f"\nburst: {answered} clicks answered 302 ({tracked['errors']} errors); "
           f"{stored} rows in PostgreSQL, rollups count {rolled}; backlog drained {drained:.2f} s after the load stopped")
+    ms = lambda d: d.total_seconds() * 1000  # noqa: E731
+    print(f"burst: answer → row (written_at - ts) p50 {ms(lag['p50']):.0f} ms, "
+          f"p99 {ms(lag['p99']):.0f} ms, max {ms(lag['max']):.0f} ms")
     print(f"nominal {args.rate}/s for {args.nominal_seconds} s: 302 → row in PostgreSQL "
           f"p50 {q(0.5) * 1000:.0f} ms, p99 {q(0.99) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms "
           f"({len(delays)} clicks)")

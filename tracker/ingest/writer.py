@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 Entry = tuple[str, dict[bytes, bytes]]
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
-# Errors that blame the data, not PostgreSQL: only these split a batch to find the culprit.
-# Anything else (connection lost, server restarting, a missing table) retries the whole batch
-# after a pause, so an outage never sends good events to dead_letters.
+# Errors that blame one event's values, not PostgreSQL nor our code: only these split a batch
+# to find the culprit. Anything else (connection lost, server restarting, a missing table, a
+# constraint our own schema change broke) retries the whole batch after a pause and shows in
+# tracker_batch_failures_total, so neither an outage nor a bad deploy sends good events to
+# dead_letters.
 DATA_ERRORS = (
-    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
-    asyncpg.ProgramLimitExceededError,
+    asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError,
+    asyncpg.InvalidTextRepresentationError, asyncpg.InvalidBinaryRepresentationError,
+    asyncpg.NumericValueOutOfRangeError, asyncpg.StringDataRightTruncationError,
+    asyncpg.DatetimeFieldOverflowError, asyncpg.ProgramLimitExceededError,
 )
 
 

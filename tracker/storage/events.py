@@ -28,9 +28,11 @@ IMPRESSION_COLUMNS = (
 # Decimal.
 CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS incoming_clicks (LIKE clicks) ON COMMIT DELETE ROWS;
-ALTER TABLE incoming_clicks ALTER COLUMN ip TYPE text, ALTER COLUMN cost TYPE text;
+ALTER TABLE incoming_clicks ALTER COLUMN ip TYPE text, ALTER COLUMN cost TYPE text,
+    DROP COLUMN written_at;
 CREATE TEMP TABLE IF NOT EXISTS incoming_impressions (LIKE impressions) ON COMMIT DELETE ROWS;
-ALTER TABLE incoming_impressions ALTER COLUMN ip TYPE text, ALTER COLUMN cost TYPE text;
+ALTER TABLE incoming_impressions ALTER COLUMN ip TYPE text, ALTER COLUMN cost TYPE text,
+    DROP COLUMN written_at;
 """
 
 
