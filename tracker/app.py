@@ -21,7 +21,7 @@ from .ingest.buffer import EventBuffer, Keys
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter
-from .keys import BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, SETTINGS, TRACKER, WRITER
+from .keys import BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER, WRITER
 from .middleware import observe
 from .settings import Settings
 from .storage import db
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_DRAIN_SECONDS = 5.0
 REDIS_CONNECTIONS = 256
 REDIS_WAIT_SECONDS = 2.0
-# Tests run the writer by hand to stop it mid-batch; the service always runs it.
-RUN_WRITER = web.AppKey("run_writer", bool)
 PARTITION_UPKEEP_EVERY = 3600.0
 
 

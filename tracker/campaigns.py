@@ -278,5 +278,5 @@ def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def raise_conflict(slug: str) -> ApiError:
+def slug_taken(slug: str) -> ApiError:
     return ApiError(409, "slug_taken", f"slug {slug!r} is already used by another campaign", "slug")

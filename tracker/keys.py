@@ -20,3 +20,5 @@ CAMPAIGNS = web.AppKey("campaigns", CampaignCache)
 BUFFER = web.AppKey("buffer", EventBuffer)
 TRACKER = web.AppKey("tracker", RequestTracker)
 WRITER = web.AppKey("writer", BatchWriter)
+# Tests run the writer by hand to stop it mid-batch; the service always runs it.
+RUN_WRITER = web.AppKey("run_writer", bool)

@@ -33,9 +33,9 @@ async def create(request: web.Request) -> web.Response:
             break
         except store.SlugTaken:
             if explicit_slug:
-                raise model.raise_conflict(values["slug"]) from None
+                raise model.slug_taken(values["slug"]) from None
     else:  # pragma: no cover - five random 48-bit slugs all taken
-        raise model.raise_conflict(values["slug"])
+        raise model.slug_taken(values["slug"])
     await request.app[CAMPAIGNS].changed(row["id"])
     body = model.to_json(row, request.app[SETTINGS].base_url)
     response = json_response(body, status=201)
@@ -74,7 +74,7 @@ async def patch(request: web.Request) -> web.Response:
             try:
                 row = await store.update(conn, campaign_id, values)
             except store.SlugTaken:
-                raise model.raise_conflict(values["slug"]) from None
+                raise model.slug_taken(values["slug"]) from None
         else:
             row = current
     await request.app[CAMPAIGNS].changed(campaign_id)
