@@ -44,9 +44,11 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # A blocking pool: at a burst, requests wait a moment for a connection instead of failing.
+    # A Redis that hangs instead of failing must not hang redirects: reads time out too.
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_SECONDS,
-        socket_connect_timeout=2, health_check_interval=30)
+        socket_connect_timeout=REDIS_WAIT_SECONDS, socket_timeout=REDIS_WAIT_SECONDS,
+        health_check_interval=30)
     app[REDIS] = aioredis.Redis(connection_pool=pool)
     app[REDIS_KEYS] = keys = Keys(settings.redis_prefix)
     app[BUFFER] = buffer = EventBuffer(app[REDIS], keys, settings.click_cache_ttl,

