@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -19,6 +20,7 @@ from .visitor import MAX_REFERER, Countries, Hit, UserAgents, clean_header, visi
 
 log = logging.getLogger(__name__)
 
+WARN_EVERY_SECONDS = 10.0
 VISITOR_COOKIE = "tv"
 LAST_CLICK_COOKIE = "tlc"
 
@@ -39,8 +41,17 @@ class RequestTracker:
         self._countries = countries
         self._proxy_hops = proxy_hops
         self._rng = random.Random()
+        self._last_warning = -WARN_EVERY_SECONDS
         # Which request header carries a trusted country code (read by the servers).
         self.country_header = countries.header
+
+    def _warn_redis_down(self, exc: Exception) -> None:
+        # At thousands of hits a second, one line per hit would drown the log: one line per
+        # interval says the same, and tracker_events_dropped_total counts every hit.
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY_SECONDS:
+            self._last_warning = now
+            log.warning("events not recorded, Redis failed: %s: %s", type(exc).__name__, exc)
 
     def visitor_id(self, hit: Hit) -> str:
         cookie = hit.visitor_cookie
@@ -72,7 +83,7 @@ class RequestTracker:
             # The visitor still gets their redirect: our outage must not break their journey.
             metrics.BACKEND_ERRORS.labels("redis").inc()
             metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
-            log.warning("click %s not recorded, Redis failed: %r", click_id, exc)
+            self._warn_redis_down(exc)
             return Click(click_id, visitor_id, location, recorded=False)
         outcome = "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")
         metrics.EVENTS.labels("click", outcome).inc()
@@ -93,7 +104,7 @@ class RequestTracker:
         except RedisError as exc:
             metrics.BACKEND_ERRORS.labels("redis").inc()
             metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
-            log.warning("impression not recorded, Redis failed: %r", exc)
+            self._warn_redis_down(exc)
             return False
         metrics.EVENTS.labels("impression", "bot" if visitor.is_bot else "accepted").inc()
         return True
