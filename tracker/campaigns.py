@@ -242,12 +242,13 @@ class Campaign:
         return self.targets[bisect.bisect_right(self.cumulative, point)]
 
     @property
-    def click_cost(self) -> Decimal:
-        return self.cost_value if self.cost_model == "cpc" else Decimal(0)
+    def click_cost(self) -> str:
+        """What one billable click costs, as the decimal string the event carries."""
+        return decimal_str(self.cost_value) if self.cost_model == "cpc" else "0"
 
     @property
-    def impression_cost(self) -> Decimal:
-        return self.cost_value / 1000 if self.cost_model == "cpm" else Decimal(0)
+    def impression_cost(self) -> str:
+        return decimal_str(self.cost_value / 1000) if self.cost_model == "cpm" else "0"
 
 
 def to_json(row: Any, base_url: str) -> dict[str, Any]:

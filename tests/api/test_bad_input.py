@@ -92,5 +92,6 @@ async def test_raw_non_utf8_bytes_in_the_request_line(service: Running) -> None:
     response = await reader.read()
     writer.close()
     status = int(response.split(b" ", 2)[1])
-    assert status in (302, 400), response[:200]
-    assert status < 500
+    assert status == 400, response[:300]
+    # The HTTP parser refuses raw bytes that are not URL characters; the answer is still JSON.
+    assert b"Content-Type: application/json" in response and b'{"error":{"code":' in response

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from .. import metrics
 from ..metrics import DropReason
-from ..campaigns import Campaign, decimal_str
+from ..campaigns import Campaign
 from ..ids import new_id, parse_id
 from ..macros import fill
 from .buffer import EventBuffer
@@ -75,7 +75,7 @@ class RequestTracker:
             "user_agent": visitor.user_agent,
             "referer": clean_header(hit.referer, MAX_REFERER),
             "is_bot": visitor.is_bot, "destination": location,
-            "cost": "0" if visitor.is_bot else decimal_str(campaign.click_cost),
+            "cost": "0" if visitor.is_bot else campaign.click_cost,
         }
         try:
             unique = await self._buffer.record_click(event, visitor_id, visitor.is_bot)
@@ -97,7 +97,7 @@ class RequestTracker:
             **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
             "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
             "user_agent": visitor.user_agent, "is_bot": visitor.is_bot,
-            "cost": "0" if visitor.is_bot else decimal_str(campaign.impression_cost),
+            "cost": "0" if visitor.is_bot else campaign.impression_cost,
         }
         try:
             await self._buffer.record(event)
