@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
                                       [store.click_record(e)[0] for e in events[:1000]])
 
         records = [store.click_record(e) for e in events]
-        await conn.execute("CREATE TEMP TABLE copy_limit (LIKE clicks)")
+        await conn.execute("CREATE TEMP TABLE copy_limit (LIKE clicks INCLUDING DEFAULTS)")
         started = time.perf_counter()
         for i in range(0, len(records), args.batch):
             await conn.copy_records_to_table("copy_limit", records=records[i:i + args.batch],

@@ -44,58 +44,47 @@ def _staged(columns: tuple[str, ...]) -> tuple[str, str]:
 BUCKET = "date_bin('15 minutes', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
 DIMS = "pub, sub1, sub2, sub3, sub4, sub5, country, device"
 
-# ORDER BY: writers in several workers upsert the same rollup rows; taking the row locks in
-# one order keeps them from deadlocking.
-INSERT_CLICKS = f"""
-WITH inserted AS (
+# Both event tables are inserted and folded in ONE statement: the rollup rows a batch touches
+# are then locked once, in one order (ORDER BY), so writers in several workers never deadlock
+# on them. Only the rows really inserted reach the fold: a replayed batch folds nothing.
+INSERT_AND_FOLD = f"""
+WITH new_clicks AS (
     INSERT INTO clicks ({_staged(CLICK_COLUMNS)[0]})
     SELECT {_staged(CLICK_COLUMNS)[1]} FROM incoming_clicks
     ON CONFLICT DO NOTHING
     RETURNING ts, campaign_id, {DIMS}, is_unique, is_bot, cost
+), new_impressions AS (
+    INSERT INTO impressions ({_staged(IMPRESSION_COLUMNS)[0]})
+    SELECT {_staged(IMPRESSION_COLUMNS)[1]} FROM incoming_impressions
+    ON CONFLICT DO NOTHING
+    RETURNING ts, campaign_id, {DIMS}, is_bot, cost
+), new_events AS (
+    SELECT ts, campaign_id, {DIMS}, true AS is_click, is_unique, is_bot, cost FROM new_clicks
+    UNION ALL
+    SELECT ts, campaign_id, {DIMS}, false, false, is_bot, cost FROM new_impressions
 ), folded AS (
-    INSERT INTO rollup_15m AS r (bucket, campaign_id, {DIMS},
+    INSERT INTO rollup_15m AS r (bucket, campaign_id, {DIMS}, impressions, bot_impressions,
                                  clicks, unique_clicks, bot_clicks, cost)
     SELECT {BUCKET}, campaign_id, {DIMS},
-           count(*) FILTER (WHERE NOT is_bot),
-           count(*) FILTER (WHERE is_unique AND NOT is_bot),
-           count(*) FILTER (WHERE is_bot),
+           count(*) FILTER (WHERE NOT is_click AND NOT is_bot),
+           count(*) FILTER (WHERE NOT is_click AND is_bot),
+           count(*) FILTER (WHERE is_click AND NOT is_bot),
+           count(*) FILTER (WHERE is_click AND is_unique AND NOT is_bot),
+           count(*) FILTER (WHERE is_click AND is_bot),
            coalesce(sum(cost) FILTER (WHERE NOT is_bot), 0)
-    FROM inserted
+    FROM new_events
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
     ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
     ON CONFLICT (bucket, campaign_id, dims) DO UPDATE SET
+        impressions = r.impressions + excluded.impressions,
+        bot_impressions = r.bot_impressions + excluded.bot_impressions,
         clicks = r.clicks + excluded.clicks,
         unique_clicks = r.unique_clicks + excluded.unique_clicks,
         bot_clicks = r.bot_clicks + excluded.bot_clicks,
         cost = r.cost + excluded.cost
     RETURNING 1
 )
-SELECT count(*) FROM inserted
-"""
-
-INSERT_IMPRESSIONS = f"""
-WITH inserted AS (
-    INSERT INTO impressions ({_staged(IMPRESSION_COLUMNS)[0]})
-    SELECT {_staged(IMPRESSION_COLUMNS)[1]} FROM incoming_impressions
-    ON CONFLICT DO NOTHING
-    RETURNING ts, campaign_id, {DIMS}, is_bot, cost
-), folded AS (
-    INSERT INTO rollup_15m AS r (bucket, campaign_id, {DIMS},
-                                 impressions, bot_impressions, cost)
-    SELECT {BUCKET}, campaign_id, {DIMS},
-           count(*) FILTER (WHERE NOT is_bot),
-           count(*) FILTER (WHERE is_bot),
-           coalesce(sum(cost) FILTER (WHERE NOT is_bot), 0)
-    FROM inserted
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-    ON CONFLICT (bucket, campaign_id, dims) DO UPDATE SET
-        impressions = r.impressions + excluded.impressions,
-        bot_impressions = r.bot_impressions + excluded.bot_impressions,
-        cost = r.cost + excluded.cost
-    RETURNING 1
-)
-SELECT count(*) FROM inserted
+SELECT (SELECT count(*) FROM new_clicks), (SELECT count(*) FROM new_impressions)
 """
 
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream_id, payload, error) VALUES ($1, $2, $3)"
@@ -171,15 +160,15 @@ async def prepare(conn: asyncpg.Connection) -> None:
 async def write(conn: asyncpg.Connection, clicks: Sequence[tuple[Any, ...]],
                 impressions: Sequence[tuple[Any, ...]]) -> tuple[int, int]:
     """Insert a batch inside the caller's transaction; return (new clicks, new impressions)."""
-    new_clicks = new_impressions = 0
     if clicks:
         await conn.copy_records_to_table("incoming_clicks", records=clicks, columns=CLICK_COLUMNS)
-        new_clicks = await conn.fetchval(INSERT_CLICKS)
     if impressions:
         await conn.copy_records_to_table(
             "incoming_impressions", records=impressions, columns=IMPRESSION_COLUMNS)
-        new_impressions = await conn.fetchval(INSERT_IMPRESSIONS)
-    return new_clicks, new_impressions
+    if not clicks and not impressions:
+        return 0, 0
+    row = await conn.fetchrow(INSERT_AND_FOLD)
+    return int(row[0]), int(row[1])
 
 
 async def dead_letter(conn: asyncpg.Connection, stream_id: str, payload: str, error: str) -> None:
