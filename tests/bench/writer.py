@@ -31,8 +31,9 @@ from tracker.storage.migrations import migrate
 
 
 def synthetic(n: int) -> list[dict[str, object]]:
+    """Clicks of campaigns that cannot exist (negative ids), spread over the last minute."""
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    return [{"type": "click", "id": str(new_id(now_ms - i % 60_000)), "campaign_id": 1 + i % 5,
+    return [{"type": "click", "id": str(new_id(now_ms - i % 60_000)), "campaign_id": -1 - i % 5,
              "visitor_id": str(new_id()), "pub": f"pub{i % 50}", "sub1": f"s{i % 200}",
              "ip": "203.0.113.0", "country": "TR", "device": "mobile", "user_agent": "Mozilla/5.0",
              "is_bot": i % 20 == 0, "is_unique": i % 3 == 0, "destination": "https://shop.example/lp",
@@ -70,6 +71,9 @@ async def run(args: argparse.Namespace) -> None:
                                              columns=store.CLICK_COLUMNS)
         copy_s = time.perf_counter() - started
         await redis.delete(keys.stream)
+        # Synthetic campaigns have negative ids: take their rows away again.
+        await conn.execute("DELETE FROM clicks WHERE campaign_id < 0")
+        await conn.execute("DELETE FROM rollup_15m WHERE campaign_id < 0")
         await redis.aclose()
         await conn.close()
     print(f"\n{'path':<48} {'events/s':>10} {'x COPY':>7}")
