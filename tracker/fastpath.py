@@ -47,18 +47,20 @@ ROUTES = {b"/c/": "/c/{slug}", b"/i/": "/i/{slug}"}
 class _Head:
     """httptools callbacks: collect what a tracking hit needs from one request head."""
 
-    __slots__ = ("url", "headers", "has_body", "keep_alive", "parser")
+    __slots__ = ("url", "headers", "has_body", "keep_alive", "http10", "parser")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.has_body = False
         self.keep_alive = False
+        self.http10 = False
         self.parser = httptools.HttpRequestParser(self)
 
     def on_headers_complete(self) -> None:
         # llhttp forgets `Connection: close` once the message is complete: ask now.
         self.keep_alive = self.parser.should_keep_alive()
+        self.http10 = self.parser.get_http_version() == "1.0"
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -234,7 +236,7 @@ class FastProtocol(asyncio.Protocol):
             self.server.app.logger.exception("tracking request failed")
             answer = Answer(500, [("Cache-Control", "no-store")],
                             error_body(500, "internal", "internal error"), "application/json")
-        self._write(answer, keep_alive and not self.closing, is_head)
+        self._write(answer, keep_alive and not self.closing, is_head, head.http10)
         status = str(answer.status)
         metrics.HTTP_REQUESTS.labels(route, method.decode(), status).inc()
         metrics.HTTP_LATENCY.labels(route, status).observe(time.perf_counter() - started)
@@ -270,7 +272,7 @@ class FastProtocol(asyncio.Protocol):
         app = self.server.app
         return await (answer_click(app, hit) if path[1:2] == b"c" else answer_pixel(app, hit))
 
-    def _write(self, answer: Answer, keep_alive: bool, is_head: bool) -> None:
+    def _write(self, answer: Answer, keep_alive: bool, is_head: bool, http10: bool = False) -> None:
         if self.transport is None:
             return  # the visitor left; what was recorded stays recorded
         parts = [b"HTTP/1.1 ", str(answer.status).encode(), b" ",
@@ -284,6 +286,8 @@ class FastProtocol(asyncio.Protocol):
             parts += [name.encode(), b": ", value.encode(), b"\r\n"]
         if not keep_alive:
             parts.append(b"Connection: close\r\n")
+        elif http10:
+            parts.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
         parts.append(b"\r\n")
         if not is_head:
             parts.append(answer.body)

@@ -88,7 +88,10 @@ async def test_a_connection_is_handed_to_aiohttp_mid_stream(service: Running) ->
 async def test_http_1_0_head_and_bodies(service: Running) -> None:
     await service.create_campaign(slug="old")
     got = responses(await raw(service, b"GET /c/old HTTP/1.0\r\n\r\n"))
-    assert got[0][0] == 302
+    assert got[0][0] == 302 and got[0][1]["connection"] == ["close"]
+    data = await raw(service, b"GET /c/old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                     read_until_close=False)
+    assert b"Connection: keep-alive\r\n" in data
     got = responses(await raw(service, b"HEAD /i/old HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
     assert got[0][0] == 200 and got[0][1]["content-length"] == [str(len(GIF))]
     assert got[0][2] == b""
