@@ -89,8 +89,9 @@ async def wait_http(url: str) -> None:
 
 
 async def nominal_delay(base: str, slug: str, pg: asyncpg.Connection, rate: int,
-                        seconds: int) -> list[float]:
-    """Clicks at `rate`/s; for each, seconds from its 302 to its row being visible."""
+                        seconds: int, latencies: list[float]) -> list[float]:
+    """Clicks at `rate`/s; for each, seconds from its 302 to its row being visible (and, into
+    `latencies`, how long the 302 took)."""
     answered: dict[str, float] = {}
     seen: dict[str, float] = {}
     stop = asyncio.Event()
@@ -114,9 +115,11 @@ async def nominal_delay(base: str, slug: str, pg: asyncpg.Connection, rate: int,
     poller = asyncio.create_task(poll())
     async with aiohttp.ClientSession(headers={"User-Agent": UA}) as http:
         async def one() -> None:
+            sent = time.monotonic()
             async with http.get(f"{base}/c/{slug}", allow_redirects=False) as r:
                 cid = parse_qs(urlsplit(r.headers["Location"]).query)["cid"][0]
                 answered[cid] = time.monotonic()
+                latencies.append(answered[cid] - sent)
 
         tasks = []
         started = time.monotonic()
@@ -177,7 +180,8 @@ async def run(args: argparse.Namespace) -> None:
                 " percentile_cont(0.99) WITHIN GROUP (ORDER BY written_at - ts) AS p99,"
                 " max(written_at - ts) AS max FROM clicks WHERE campaign_id = $1", campaign_id)
             rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
-            delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds)
+            latencies: list[float] = []
+            delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds, latencies)
             await redis.aclose()
         finally:
             if pg is not None:
@@ -200,6 +204,10 @@ async def run(args: argparse.Namespace) -> None:
     print(f"nominal {args.rate}/s for {args.nominal_seconds} s: 302 → row in PostgreSQL "
           f"p50 {q(0.5) * 1000:.0f} ms, p99 {q(0.99) * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms "
           f"({len(delays)} clicks)")
+    latencies.sort()
+    print(f"nominal {args.rate}/s: redirect latency (Python client, same cores) "
+          f"p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+          f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
     if statistics.fmean(d != float("inf") for d in delays) < 1:
         print("WARNING: some clicks never reached PostgreSQL within 30 s")
 
