@@ -83,6 +83,18 @@ class FastServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.date = b""
         self._date_second = 0
+        self._series: dict[tuple[str, bytes, int], tuple[Any, Any]] = {}
+
+    def series(self, route: str, method: bytes, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram of one (route, method, status), looked
+        up once: labels() costs as much as the increment itself."""
+        key = (route, method, status)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = (
+                metrics.HTTP_REQUESTS.labels(route, method.decode(), str(status)),
+                metrics.HTTP_LATENCY.labels(route, str(status)))
+        return found
 
     def http_date(self) -> bytes:
         now = int(time.time())
@@ -237,9 +249,9 @@ class FastProtocol(asyncio.Protocol):
             answer = Answer(500, [("Cache-Control", "no-store")],
                             error_body(500, "internal", "internal error"), "application/json")
         self._write(answer, keep_alive and not self.closing, is_head, head.http10)
-        status = str(answer.status)
-        metrics.HTTP_REQUESTS.labels(route, method.decode(), status).inc()
-        metrics.HTTP_LATENCY.labels(route, status).observe(time.perf_counter() - started)
+        requests, latency = self.server.series(route, method, answer.status)
+        requests.inc()
+        latency.observe(time.perf_counter() - started)
         self.busy = False
         self.last_active = time.monotonic()
         if not keep_alive or self.closing:

@@ -42,6 +42,11 @@ class RequestTracker:
         self._proxy_hops = proxy_hops
         self._rng = random.Random()
         self._last_warning = -WARN_EVERY_SECONDS
+        # Counter children looked up once: labels() costs as much as inc() itself.
+        self._click_outcomes = {o: metrics.EVENTS.labels("click", o)
+                                for o in ("accepted", "duplicate", "bot")}
+        self._impression_outcomes = {o: metrics.EVENTS.labels("impression", o)
+                                     for o in ("accepted", "bot")}
         # Which request header carries a trusted country code (read by the servers).
         self.country_header = countries.header
 
@@ -85,8 +90,7 @@ class RequestTracker:
             metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
             self._warn_redis_down(exc)
             return Click(click_id, visitor_id, location, recorded=False)
-        outcome = "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")
-        metrics.EVENTS.labels("click", outcome).inc()
+        self._click_outcomes["bot" if visitor.is_bot else ("accepted" if unique else "duplicate")].inc()
         return Click(click_id, visitor_id, location, recorded=True)
 
     async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
@@ -106,7 +110,7 @@ class RequestTracker:
             metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
             self._warn_redis_down(exc)
             return False
-        metrics.EVENTS.labels("impression", "bot" if visitor.is_bot else "accepted").inc()
+        self._impression_outcomes["bot" if visitor.is_bot else "accepted"].inc()
         return True
 
 
