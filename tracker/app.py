@@ -18,6 +18,7 @@ from aiohttp import web
 from . import metrics, routes
 from .campaign_cache import CampaignCache
 from .ingest.buffer import EventBuffer, Keys
+from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter
@@ -54,8 +55,11 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
     app[BUFFER] = buffer = EventBuffer(app[REDIS], keys, settings.click_cache_ttl,
                                        settings.unique_window)
     countries = Countries(settings.geoip_db, settings.country_header)
-    app[TRACKER] = RequestTracker(buffer, UserAgents(), countries, settings.proxy_hops)
+    spool = Spool(settings.data_dir / "spool", buffer)
+    app[TRACKER] = RequestTracker(buffer, spool, UserAgents(), countries, settings.proxy_hops)
+    spool.start()
     yield
+    await spool.stop()
     countries.close()
     await app[REDIS].aclose()
 

@@ -54,6 +54,10 @@ BATCH_FAILURES = Counter("tracker_batch_failures_total", "Batches that failed an
 EVENTS_WRITTEN = Counter(
     "tracker_events_written_total", "Events newly inserted into PostgreSQL", ["type"]
 )
+SPOOL = Counter(
+    "tracker_spool_events_total",
+    "Events written to the local spool while Redis was away, and replayed from it", ["action"]
+)
 EVENTS_CLAIMED = Counter(
     "tracker_events_claimed_total", "Pending events claimed from writers that stopped"
 )

@@ -7,9 +7,10 @@ from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from ..campaigns import decimal_str
-from ..errors import bad_request, not_found
+from ..errors import ApiError, bad_request, not_found
 from ..ids import id_time, id_uuid, parse_id
 from ..ingest.params import TRACKING_PARAMS
 from ..keys import BUFFER, PG
@@ -39,10 +40,17 @@ async def get(request: web.Request) -> web.Response:
         raise bad_request("invalid_click_id", "click_id must be a 26-character ULID", "click_id")
     click_id = str(ulid)
     when = id_time(ulid)
-    recent = await request.app[BUFFER].recent_click(click_id)
+    redis_down = False
+    try:
+        recent = await request.app[BUFFER].recent_click(click_id)
+    except RedisError:
+        recent, redis_down = None, True
     if recent is not None:
         return json_response(_view(click_id, when, recent))
     row = await store.get(request.app[PG], id_uuid(ulid), when)
     if row is None:
+        if redis_down:
+            # The click may be waiting in the spool: we cannot say it does not exist.
+            raise ApiError(503, "not_ready", "Redis is unavailable; try again shortly")
         raise not_found("no click has this id", code="unknown_click")
     return json_response(_view(click_id, when, dict(row)))

@@ -83,6 +83,9 @@ class EventBuffer:
         """Buffer an event that needs no dedupe (an impression)."""
         await self._call(("XADD", self._keys.stream, "*", "e", orjson.dumps(event)))
 
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def recent_click(self, click_id: str) -> dict[str, Any] | None:
         raw = await self._redis.get(self._keys.click(click_id))
         if raw is None:

@@ -16,6 +16,7 @@ from ..campaigns import Campaign
 from ..ids import new_id, parse_id
 from ..macros import fill
 from .buffer import EventBuffer
+from .spool import Spool
 from .visitor import MAX_REFERER, Countries, Hit, UserAgents, clean_header, visitor_of
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ class Click:
 
 
 class RequestTracker:
-    def __init__(self, buffer: EventBuffer, agents: UserAgents, countries: Countries,
+    def __init__(self, buffer: EventBuffer, spool: Spool, agents: UserAgents, countries: Countries,
                  proxy_hops: int) -> None:
         self._buffer = buffer
+        self._spool = spool
         self._agents = agents
         self._countries = countries
         self._proxy_hops = proxy_hops
@@ -56,7 +58,8 @@ class RequestTracker:
         now = time.monotonic()
         if now - self._last_warning >= WARN_EVERY_SECONDS:
             self._last_warning = now
-            log.warning("events not recorded, Redis failed: %s: %s", type(exc).__name__, exc)
+            log.warning("Redis failed (%s: %s); events go to the local spool until it is back",
+                        type(exc).__name__, exc)
 
     def visitor_id(self, hit: Hit) -> str:
         cookie = hit.visitor_cookie
@@ -85,11 +88,18 @@ class RequestTracker:
         try:
             unique = await self._buffer.record_click(event, visitor_id, visitor.is_bot)
         except RedisError as exc:
-            # The visitor still gets their redirect: our outage must not break their journey.
+            # The visitor still gets their redirect: our outage must not break their journey,
+            # nor lose the click: it waits in the local spool until Redis is back.
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
             self._warn_redis_down(exc)
-            return Click(click_id, visitor_id, location, recorded=False)
+            try:
+                self._spool.append_click(event, visitor_id, visitor.is_bot)
+            except OSError as disk:
+                metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
+                log.error("click %s lost: Redis and the spool both failed: %r", click_id, disk)
+                return Click(click_id, visitor_id, location, recorded=False)
+            self._click_outcomes["bot" if visitor.is_bot else "accepted"].inc()
+            return Click(click_id, visitor_id, location, recorded=True)
         self._click_outcomes["bot" if visitor.is_bot else ("accepted" if unique else "duplicate")].inc()
         return Click(click_id, visitor_id, location, recorded=True)
 
@@ -107,9 +117,13 @@ class RequestTracker:
             await self._buffer.record(event)
         except RedisError as exc:
             metrics.BACKEND_ERRORS.labels("redis").inc()
-            metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
             self._warn_redis_down(exc)
-            return False
+            try:
+                self._spool.append_event(event)
+            except OSError as disk:
+                metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
+                log.error("impression lost: Redis and the spool both failed: %r", disk)
+                return False
         self._impression_outcomes["bot" if visitor.is_bot else "accepted"].inc()
         return True
 

@@ -127,11 +127,20 @@ class BatchWriter:
         if now >= self._next_gauge:
             self._next_gauge = now + 1.0
             await self.update_backlog_gauge()
-        if not self._held and now >= self._next_claim:
-            self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05)
-            self._held = await self.claim()
-        if not self._held:
-            self._held = await self._read(">", block=self.wait_ms if block else None)
+        try:
+            if not self._held and now >= self._next_claim:
+                self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05)
+                self._held = await self.claim()
+            if not self._held:
+                self._held = await self._read(">", block=self.wait_ms if block else None)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis came back empty (restarted without its data): make the group again; the
+            # events arriving from now on (and the spool's replay) need it.
+            log.warning("the stream's consumer group is gone; creating it again")
+            await self.ensure_group()
+            return 0
         if not self._held:
             return 0
         batch = self._held

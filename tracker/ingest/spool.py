@@ -1,0 +1,162 @@
+"""The local spool: where an event goes when Redis cannot take it, so that a Redis outage
+costs neither the visitor's redirect nor the event.
+
+Each worker appends to a file of its own (`<data_dir>/spool/<pid>-<random>.spool`, one JSON
+line per event) and holds an exclusive flock on it while it does. Writes reach the page cache
+at once and the disk at the next fsync, at most FSYNC_EVERY later (as Redis's
+`appendfsync everysec`). When Redis answers again, a worker closes its own file (releasing the
+lock) and replays every spool file whose lock it can take, its own and those of workers that
+died, through the same buffer calls the hot path makes, then deletes the file. A replay cut
+short is simply replayed again: event ids are fixed, so PostgreSQL keeps each event once.
+Uniqueness is decided at replay time, by the same script as ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from .. import metrics
+from .buffer import EventBuffer
+
+log = logging.getLogger(__name__)
+
+FSYNC_EVERY = 0.2
+REPLAY_EVERY = 1.0
+REPLAY_CHUNK = 500
+
+
+class Spool:
+    def __init__(self, folder: Path, buffer: EventBuffer) -> None:
+        self.folder = folder
+        self._buffer = buffer
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._dirty = False
+        self._written = 0  # events in the current file
+        self._task: asyncio.Task[None] | None = None
+
+    # -- writing (the hot path, when Redis failed) ---------------------------------------------
+
+    def append_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> None:
+        self._append({"kind": "click", "event": event, "visitor": visitor_id, "bot": is_bot})
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        self._append({"kind": "event", "event": event})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Raises OSError when the disk refuses: then the event is lost, and counted."""
+        if self._fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._path = self.folder / f"{os.getpid()}-{os.urandom(4).hex()}.spool"
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd = fd
+        os.write(self._fd, orjson.dumps(record) + b"\n")
+        self._dirty = True
+        self._written += 1
+        metrics.SPOOL.labels("written").inc()
+
+    def _sync(self) -> None:
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def _close_own(self) -> None:
+        """Finish the current file (synced, unlocked) so that a replay can take it."""
+        if self._fd is not None:
+            self._sync()
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+            self._written = 0
+
+    # -- the background task -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="spool")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._close_own()
+
+    async def _run(self) -> None:
+        next_replay = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FSYNC_EVERY)
+            try:
+                self._sync()
+            except OSError as exc:
+                log.error("spool fsync failed: %r", exc)
+            if loop.time() >= next_replay:
+                next_replay = loop.time() + REPLAY_EVERY
+                try:
+                    await self.replay()
+                except RedisError:
+                    pass  # still down: try again next time
+                except Exception:  # noqa: BLE001 - the spool must outlive any one failure
+                    log.exception("spool replay failed; will try again")
+
+    async def replay(self) -> int:
+        """Replay every spool file nobody holds into Redis; return the events replayed."""
+        if not self.folder.exists():
+            return 0
+        files = sorted(self.folder.glob("*.spool"))
+        if not files and self._fd is None:
+            return 0
+        await self._buffer.ping()  # raises while Redis is still away
+        if self._fd is not None:
+            self._close_own()
+            files = sorted(self.folder.glob("*.spool"))
+        replayed = 0
+        for path in files:
+            replayed += await self._replay_file(path)
+        if replayed:
+            log.info("replayed %d spooled events into Redis", replayed)
+        return replayed
+
+    async def _replay_file(self, path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0  # another worker finished it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live worker writes or replays it
+            if not path.exists():
+                return 0
+            with os.fdopen(os.dup(fd), "rb") as source:
+                lines = source.read().splitlines()
+            records = []
+            for line in lines:
+                try:
+                    records.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    # A line cut short by a crash mid-write: nothing was answered for it.
+                    log.warning("skipping a torn line in %s", path.name)
+            for i in range(0, len(records), REPLAY_CHUNK):
+                await asyncio.gather(*(self._replay_one(r) for r in records[i:i + REPLAY_CHUNK]))
+            path.unlink()
+            metrics.SPOOL.labels("replayed").inc(len(records))
+            return len(records)
+        finally:
+            os.close(fd)
+
+    async def _replay_one(self, record: dict[str, Any]) -> None:
+        if record.get("kind") == "click":
+            await self._buffer.record_click(record["event"], record["visitor"], record["bot"])
+        else:
+            await self._buffer.record(record["event"])
