@@ -154,7 +154,9 @@ async def run(args: argparse.Namespace) -> None:
         env = os.environ | {"DATABASE_URL": db_url, "REDIS_URL": redis_url, "TRACKER_API_TOKEN": "b",
                             "TRACKER_LISTEN": f"127.0.0.1:{port}", "TRACKER_WORKERS": str(args.workers),
                             "TRACKER_DATA_DIR": str(data), "TRACKER_REDIS_PREFIX": prefix,
-                            "TRACKER_LOG_LEVEL": "WARNING"}
+                            "TRACKER_LOG_LEVEL": "WARNING",
+                            # Keys that leave a shared Redis within minutes, not a day.
+                            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "60"}
         proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env)
         base = f"http://127.0.0.1:{port}"
         pg = None
@@ -182,6 +184,7 @@ async def run(args: argparse.Namespace) -> None:
             rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
             latencies: list[float] = []
             delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds, latencies)
+            await redis.delete(f"{prefix}events")
             await redis.aclose()
         finally:
             if pg is not None:
