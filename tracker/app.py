@@ -105,7 +105,7 @@ async def batch_writer(app: web.Application) -> AsyncIterator[None]:
     writer = BatchWriter(
         app[REDIS], lambda: db.connect(settings.database_url), app[REDIS_KEYS],
         batch_size=settings.batch_size, wait_ms=settings.batch_wait_ms,
-        claim_idle_ms=settings.claim_idle_ms)
+        claim_idle_ms=settings.claim_idle_ms, linger_ms=settings.batch_linger_ms)
     await writer.ensure_group()
     app[WRITER] = writer
     if not run:

@@ -59,6 +59,8 @@ class Settings:
     # Batch writer: up to batch_size events, or whatever arrived within batch_wait_ms.
     batch_size: int = 5000
     batch_wait_ms: int = 100
+    # Under load (a read of 32+ events), wait this long for a fuller batch before writing.
+    batch_linger_ms: int = 50
     # Pending stream entries idle this long belong to a dead writer and are claimed.
     claim_idle_ms: int = 30_000
     # How long a click stays readable from Redis (read-your-writes before PostgreSQL has it).
@@ -97,6 +99,7 @@ class Settings:
             redis_prefix=env.get("TRACKER_REDIS_PREFIX", "").strip() or "tracker:",
             batch_size=_int(env, "TRACKER_BATCH_SIZE", 5000, minimum=1),
             batch_wait_ms=_int(env, "TRACKER_BATCH_WAIT_MS", 100, minimum=1),
+            batch_linger_ms=_int(env, "TRACKER_BATCH_LINGER_MS", 50),
             claim_idle_ms=_int(env, "TRACKER_CLAIM_IDLE_MS", 30_000, minimum=100),
             click_cache_ttl=_int(env, "TRACKER_CLICK_CACHE_TTL", 3600, minimum=60),
             unique_window=_int(env, "TRACKER_UNIQUE_WINDOW", 86_400, minimum=1),
