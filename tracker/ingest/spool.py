@@ -56,9 +56,14 @@ class Spool:
         """Raises OSError when the disk refuses: then the event is lost, and counted."""
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._path = self.folder / f"{os.getpid()}-{os.urandom(4).hex()}.spool"
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            name = f"{os.getpid()}-{os.urandom(4).hex()}"
+            # Locked under a name replays do not look at, then renamed (the lock stays with
+            # the file): a replay can never take, find empty and delete a file being born.
+            hidden = self.folder / f"{name}.new"
+            fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._path = self.folder / f"{name}.spool"
+            os.rename(hidden, self._path)
             self._fd = fd
         os.write(self._fd, orjson.dumps(record) + b"\n")
         self._dirty = True
