@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from .. import metrics
 from ..metrics import DropReason
 from ..campaigns import Campaign
-from ..ids import new_id, parse_id
+from ..ids import new_id
 from ..macros import fill
 from .buffer import EventBuffer
 from .spool import Spool
@@ -63,7 +63,11 @@ class RequestTracker:
 
     def visitor_id(self, hit: Hit) -> str:
         cookie = hit.visitor_cookie
-        return cookie if parse_id(cookie) is not None else str(new_id())
+        # Ours are ULIDs; anything else of that shape is harmless as a key part, and this
+        # check costs a tenth of decoding it.
+        if len(cookie) == 26 and cookie.isascii() and cookie.isalnum():
+            return cookie
+        return str(new_id())
 
     def location(self, campaign: Campaign, params: dict[str, str], click_id: str) -> tuple[str, str]:
         """(the configured URL picked by weight, that URL with the click's macros filled)."""
