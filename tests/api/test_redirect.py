@@ -196,3 +196,26 @@ async def test_clicks_survive_redis_forgetting_the_script(service: Running,
         return await pg.fetchval("SELECT count(*) FROM clicks") == 20
 
     assert await eventually(twenty)
+
+
+async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
+                                                         pg: asyncpg.Connection) -> None:
+    """With one trusted proxy, the address it appended to X-Forwarded-For is the visitor's;
+    whatever the client wrote before it is not trusted."""
+    runner, running = await start(settings.with_(proxy_hops=1))
+    try:
+        await running.create_campaign(slug="xff")
+        await running.click("xff", headers={"X-Forwarded-For": "10.9.9.9, 198.51.100.77"})
+        await running.click("xff", headers={"X-Forwarded-For": "2001:db8:1234:5678::1"})
+        await running.click("xff")  # no header: the peer
+
+        async def three() -> list[asyncpg.Record] | None:
+            rows = await clicks_in_db(pg)
+            return rows if len(rows) == 3 else None
+
+        rows = await eventually(three)
+        assert rows is not None
+        assert [str(r["ip"]) for r in rows] == ["198.51.100.0", "2001:db8:1234::", "127.0.0.0"]
+    finally:
+        await running.close()
+        await runner.cleanup()
