@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="worker processes (TRACKER_WORKERS)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply sql/ on start")
     commands.add_parser("migrate", help="apply sql/ to the database")
+    dead = commands.add_parser("dead-letters", help="events PostgreSQL refused, by reason")
+    dead.add_argument("--replay", action="store_true",
+                      help="append them to the stream again (after fixing the cause)")
     args = parser.parse_args(argv)
 
     try:
@@ -44,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         with servers(settings.database_url, "unused", settings.data_dir) as (db_url, _):
             applied = asyncio.run(migrate(db_url))
         print("applied: " + ", ".join(applied) if applied else "up to date")
+        return 0
+    if args.command == "dead-letters":
+        from .embedded import servers
+        from .replay import replay, show
+
+        with servers(settings.database_url, settings.redis_url if args.replay else "unused",
+                     settings.data_dir) as (db_url, redis_url):
+            if args.replay:
+                count = asyncio.run(replay(db_url, redis_url, settings.redis_prefix))
+                print(f"replayed {count} events into the stream")
+            else:
+                print(asyncio.run(show(db_url)))
         return 0
     return 2  # pragma: no cover
 

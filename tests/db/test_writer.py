@@ -15,7 +15,7 @@ from tracker.settings import Settings
 from tracker.storage import db
 
 from ..api.test_reports import click, impression
-from ..conftest import Running
+from ..conftest import Running, flush
 
 
 def writer_for(settings: Settings, redis: aioredis.Redis, **kwargs: int) -> BatchWriter:
@@ -104,3 +104,29 @@ async def test_entries_left_by_a_dead_writer_are_claimed(
     assert pending["pending"] == 0
     assert await redis.xlen(keys.stream) == 0
     await redis.aclose()
+
+
+async def test_dead_letters_replay_once_the_cause_is_gone(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """An event refused for a reason since fixed (here: kept by hand) goes back through the
+    stream and is stored once; `tracker dead-letters` reports what is kept."""
+    import subprocess
+    import sys
+
+    from tracker.replay import replay, show
+
+    s = quiet_service
+    c = await s.create_campaign(slug="again")
+    event = click(c["id"], datetime.now(UTC))
+    await pg.execute("INSERT INTO dead_letters (stream_id, payload, error) VALUES ('1-0', $1, $2)",
+                     orjson.dumps(event).decode(), "InvalidTextRepresentationError('x')")
+    assert "InvalidTextRepresentationError" in await show(s.settings.database_url)
+    env = {"DATABASE_URL": s.settings.database_url, "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "tracker", "dead-letters"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "InvalidTextRepresentationError" in listed.stdout
+    assert await replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix) == 1
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+    await flush(s)
+    assert await counts(pg) == (1, 0, 1, 0)
+    assert await replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix) == 0

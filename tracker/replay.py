@@ -1,0 +1,51 @@
+"""`tracker dead-letters [--replay]`: what PostgreSQL refused, and putting it back.
+
+A replay appends each kept event to the stream again and forgets it, in one transaction per
+chunk: an event the writers refuse again comes back to dead_letters, one they now accept is
+stored once (its id is fixed, so a replay repeated after a crash counts nothing twice).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from .ingest.buffer import Keys
+from .storage import db
+from .storage import dead_letters as store
+
+CHUNK = 1000
+
+
+async def show(database_url: str) -> str:
+    conn = await db.connect(database_url)
+    try:
+        rows = await store.summary(conn)
+    finally:
+        await conn.close()
+    if not rows:
+        return "no dead letters"
+    return "\n".join(f"{r['events']:>8}  {r['first']:%Y-%m-%d %H:%M} .. {r['last']:%Y-%m-%d %H:%M}  {r['error']}"
+                     for r in rows)
+
+
+async def replay(database_url: str, redis_url: str, prefix: str) -> int:
+    """Put every dead letter back into the stream; return how many."""
+    conn = await db.connect(database_url)
+    redis = aioredis.Redis.from_url(redis_url)
+    stream = Keys(prefix).stream
+    replayed = 0
+    try:
+        while True:
+            async with conn.transaction():
+                rows = await store.take(conn, CHUNK)
+                if not rows:
+                    return replayed
+                async with redis.pipeline(transaction=False) as pipe:
+                    for row in rows:
+                        pipe.xadd(stream, {"e": row["payload"].encode()})
+                    await pipe.execute()
+                await store.forget(conn, [row["id"] for row in rows])
+            replayed += len(rows)
+    finally:
+        await conn.close()
+        await redis.aclose()
