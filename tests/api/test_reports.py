@@ -97,6 +97,7 @@ async def test_counts_costs_and_ratios(quiet_service: Running) -> None:
     assert (rows["cpc"]["clicks"], rows["cpc"]["unique_clicks"], rows["cpc"]["bot_clicks"]) == (3, 2, 1)
     assert rows["cpc"]["impressions"] == 6 and rows["cpc"]["cost"] == "0.75"
     assert rows["cpc"]["cpc"] == "0.25" and rows["cpc"]["ctr"] == 0.5
+    assert rows["cpc"]["currency"] == "USD"
     assert rows["cpm"]["impressions"] == 500 and rows["cpm"]["cost"] == "1"
     assert rows["cpm"]["clicks"] == 0 and rows["cpm"]["cpc"] is None and rows["cpm"]["ctr"] == 0
     totals = body["totals"]

@@ -129,7 +129,7 @@ async def get(request: web.Request) -> web.Response:
     records = [dict(r) for r in await store.run(pool, query)] if campaign_ids != [] else []
     names = {}
     if "campaign" in group_by and records:
-        names = await campaign_store.names(pool, sorted({r["campaign"] for r in records}))
+        names = await campaign_store.labels(pool, sorted({r["campaign"] for r in records}))
     rows = []
     totals: dict[str, Any] = {k: 0 for k in COUNTS} | {"cost": Decimal(0)}
     for record in records:
@@ -152,10 +152,13 @@ async def get(request: web.Request) -> web.Response:
     })
 
 
-def _key(group: str, value: Any, zone: ZoneInfo, names: dict[int, tuple[str, str]]) -> dict[str, Any]:
+def _key(group: str, value: Any, zone: ZoneInfo,
+         names: dict[int, tuple[str, str, str]]) -> dict[str, Any]:
     if group == "campaign":
-        slug, name = names.get(value, ("", ""))
-        return {"campaign_id": value, "campaign": slug, "campaign_name": name}
+        slug, name, currency = names.get(value, ("", "", ""))
+        # The row's money is in the campaign's currency; totals add currencies as they are.
+        return {"campaign_id": value, "campaign": slug, "campaign_name": name,
+                "currency": currency}
     if group == "day":
         return {"day": value.isoformat()}
     if group == "hour":

@@ -22,7 +22,7 @@ ALL_LIVE = f"SELECT {COLUMNS} FROM campaigns WHERE deleted_at IS NULL"
 SOFT_DELETE = """
 UPDATE campaigns SET deleted_at = now(), updated_at = now()
 WHERE id = $1 AND deleted_at IS NULL RETURNING slug"""
-SLUGS_BY_IDS = "SELECT id, slug, name FROM campaigns WHERE id = ANY($1::bigint[])"
+LABELS_BY_IDS = "SELECT id, slug, name, currency FROM campaigns WHERE id = ANY($1::bigint[])"
 IDS_BY_SLUG_OR_ID = "SELECT id FROM campaigns WHERE slug = $1 OR id::text = $1"
 
 
@@ -79,9 +79,10 @@ async def soft_delete(pool: asyncpg.Pool, campaign_id: int) -> str | None:
     return slug
 
 
-async def names(pool: asyncpg.Pool, ids: list[int]) -> dict[int, tuple[str, str]]:
-    rows = await pool.fetch(SLUGS_BY_IDS, ids)
-    return {r["id"]: (r["slug"], r["name"]) for r in rows}
+async def labels(pool: asyncpg.Pool, ids: list[int]) -> dict[int, tuple[str, str, str]]:
+    """(slug, name, currency) of campaigns, deleted ones included: their past still reports."""
+    rows = await pool.fetch(LABELS_BY_IDS, ids)
+    return {r["id"]: (r["slug"], r["name"], r["currency"]) for r in rows}
 
 
 async def ids_matching(pool: asyncpg.Pool, slug_or_id: str) -> list[int]:
