@@ -75,6 +75,42 @@ async def burst(base: str, slug: str, n: int, concurrency: int = 100,
     return answered
 
 
+class Served:
+    """`tracker serve` as a subprocess on this session's servers, with one campaign made."""
+
+    def __init__(self, backing: tuple[str, str], data_dir: Path, slug: str, **env: str) -> None:
+        self.port = free_port()
+        self.prefix = f"p{uuid.uuid4().hex[:8]}:"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.slug = slug
+        self.env = os.environ | {
+            "DATABASE_URL": backing[0], "REDIS_URL": backing[1], "TRACKER_API_TOKEN": "k",
+            "TRACKER_LISTEN": f"127.0.0.1:{self.port}", "TRACKER_DATA_DIR": str(data_dir),
+            "TRACKER_REDIS_PREFIX": self.prefix, "TRACKER_LOG_LEVEL": "WARNING",
+            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "3600",
+        } | env
+        self.proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=self.env)
+
+    async def ready(self) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.post(f"{self.base}/api/campaigns", headers={"Authorization": "Bearer k"},
+                                         json={"slug": self.slug,
+                                               "destination_url": "https://s.example/?cid={click_id}"}) as r:
+                        assert r.status == 201
+                        return
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        raise AssertionError("tracker serve never answered")
+
+    async def close(self, redis: aioredis.Redis) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        await redis.delete(f"{self.prefix}events")  # the rest expires within the hour
+
+
 async def test_writer_cancelled_mid_batch_loses_and_doubles_nothing(
         quiet_service: Running, pg: asyncpg.Connection) -> None:
     s = quiet_service
@@ -128,41 +164,25 @@ async def test_worker_process_sigkilled_under_load(backing: tuple[str, str], pg:
                                                    tmp_path: Path) -> None:
     """`tracker serve` for real: its worker is SIGKILLed twice during the burst; the supervisor
     starts another, which claims what the dead one left pending."""
-    port = free_port()
-    prefix = f"k{uuid.uuid4().hex[:8]}:"
-    env = os.environ | {
-        "DATABASE_URL": backing[0], "REDIS_URL": backing[1], "TRACKER_API_TOKEN": "k",
-        "TRACKER_LISTEN": f"127.0.0.1:{port}", "TRACKER_WORKERS": "1",
-        "TRACKER_DATA_DIR": str(tmp_path), "TRACKER_REDIS_PREFIX": prefix,
-        "TRACKER_CLAIM_IDLE_MS": "300", "TRACKER_BATCH_SIZE": "100", "TRACKER_LOG_LEVEL": "WARNING",
-        "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "3600",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env)
-    base = f"http://127.0.0.1:{port}"
+    served = Served(backing, tmp_path, "kill", TRACKER_WORKERS="1", TRACKER_CLAIM_IDLE_MS="300",
+                    TRACKER_BATCH_SIZE="100")
+    redis = aioredis.Redis.from_url(backing[1])
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer k"},
-                                         json={"slug": "kill", "destination_url": "https://s.example/?cid={click_id}"}) as r:
-                        assert r.status == 201
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+        await served.ready()
 
         async def killer() -> int:
             kills = 0
             for _ in range(2):
                 await asyncio.sleep(0.4)
-                children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                          text=True).stdout.split()
+                children = subprocess.run(["pgrep", "-P", str(served.proc.pid)],
+                                          capture_output=True, text=True).stdout.split()
                 for child in children:
                     os.kill(int(child), signal.SIGKILL)
                     kills += 1
             return kills
 
         kill_task = asyncio.create_task(killer())
-        answered = await burst(base, "kill", CLICKS)
+        answered = await burst(served.base, "kill", CLICKS)
         kills = await kill_task
         assert kills >= 2
         assert len(answered) == CLICKS
@@ -176,13 +196,11 @@ async def test_worker_process_sigkilled_under_load(backing: tuple[str, str], pg:
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # anything doubled would show up now
         await exactly_once(pg, answered, exact=False)
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=20) == 0, "tracker serve did not exit cleanly on SIGTERM"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        redis = aioredis.Redis.from_url(backing[1])
-        await redis.delete(f"{prefix}events")  # the rest expires within the hour
+        await served.close(redis)
         await redis.aclose()
-    assert code == 0, "tracker serve did not exit cleanly on SIGTERM"
 
 
 @pytest.mark.slow
@@ -191,56 +209,37 @@ async def test_sigterm_under_load_loses_nothing_and_exits_in_time(
     """SIGTERM while clicks pour in: the service stops accepting, answers what is in flight,
     exits 0 within 10 s; every click it answered reaches PostgreSQL (what its writers had no
     time to flush waits in the stream for the next start, here a writer of the test's own)."""
-    port = free_port()
-    prefix = f"s{uuid.uuid4().hex[:8]}:"
-    env = os.environ | {
-        "DATABASE_URL": backing[0], "REDIS_URL": backing[1], "TRACKER_API_TOKEN": "k",
-        "TRACKER_LISTEN": f"127.0.0.1:{port}", "TRACKER_WORKERS": "2",
-        "TRACKER_DATA_DIR": str(tmp_path), "TRACKER_REDIS_PREFIX": prefix,
-        "TRACKER_LOG_LEVEL": "WARNING", "TRACKER_CLICK_CACHE_TTL": "60",
-        "TRACKER_UNIQUE_WINDOW": "3600",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env)
-    base = f"http://127.0.0.1:{port}"
+    served = Served(backing, tmp_path, "term", TRACKER_WORKERS="2")
     redis = aioredis.Redis.from_url(backing[1])
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer k"},
-                                         json={"slug": "term", "destination_url": "https://s.example/?cid={click_id}"}) as r:
-                        assert r.status == 201
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+        await served.ready()
         stopped_in: list[float] = []
 
         async def terminate() -> None:
             await asyncio.sleep(0.5)
             started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            while proc.poll() is None and time.monotonic() - started < 15:
+            served.proc.send_signal(signal.SIGTERM)
+            while served.proc.poll() is None and time.monotonic() - started < 15:
                 await asyncio.sleep(0.05)
             stopped_in.append(time.monotonic() - started)
 
         stopper = asyncio.create_task(terminate())
-        answered = await burst(base, "term", 20_000, concurrency=50, tries=1)
+        answered = await burst(served.base, "term", 20_000, concurrency=50, tries=1)
         await stopper
-        assert proc.wait(timeout=20) == 0
+        assert served.proc.wait(timeout=20) == 0
         assert stopped_in[0] < 10, stopped_in
         assert 0 < len(answered) < 20_000, "SIGTERM did not land during the burst"
+        stream = Keys(served.prefix).stream
         print(f"answered {len(answered)}; stopped in {stopped_in[0]:.2f} s;"
-              f" left in the stream {await redis.xlen(Keys(prefix).stream)}")
+              f" left in the stream {await redis.xlen(stream)}")
         # The next start's writer: drain what the stopped service left in the stream.
-        writer = writer_for(Settings(database_url=backing[0], redis_prefix=prefix), redis,
+        writer = writer_for(Settings(database_url=backing[0], redis_prefix=served.prefix), redis,
                             claim_idle_ms=100)
         await asyncio.sleep(0.2)
         deadline = time.monotonic() + 60
-        while await redis.xlen(Keys(prefix).stream) and time.monotonic() < deadline:
+        while await redis.xlen(stream) and time.monotonic() < deadline:
             await writer.step(block=False)
         await exactly_once(pg, answered, exact=False)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        await redis.delete(f"{prefix}events")
+        await served.close(redis)
         await redis.aclose()
