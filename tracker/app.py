@@ -1,7 +1,7 @@
 """create_app(settings) → the aiohttp application of one worker.
 
-Resources open in this order and close in reverse: PostgreSQL, Redis, campaign cache,
-partition upkeep, batch writer.
+Resources open in this order and close in reverse: PostgreSQL, Redis, the tracking pieces
+(buffer, spool, request tracker), campaign cache, partition upkeep, batch writer.
 """
 
 from __future__ import annotations
@@ -51,17 +51,23 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=REDIS_WAIT_SECONDS, socket_timeout=REDIS_WAIT_SECONDS,
         health_check_interval=30)
     app[REDIS] = aioredis.Redis(connection_pool=pool)
-    app[REDIS_KEYS] = keys = Keys(settings.redis_prefix)
-    app[BUFFER] = buffer = EventBuffer(app[REDIS], keys, settings.click_cache_ttl,
+    app[REDIS_KEYS] = Keys(settings.redis_prefix)
+    yield
+    await app[REDIS].aclose()
+
+
+async def tracking(app: web.Application) -> AsyncIterator[None]:
+    """The hot path's pieces: the Redis buffer, the spool behind it, the request tracker."""
+    settings = app[SETTINGS]
+    app[BUFFER] = buffer = EventBuffer(app[REDIS], app[REDIS_KEYS], settings.click_cache_ttl,
                                        settings.unique_window)
     countries = Countries(settings.geoip_db, settings.country_header)
     spool = Spool(settings.data_dir / "spool", buffer)
     app[TRACKER] = RequestTracker(buffer, spool, UserAgents(), countries, settings.proxy_hops)
     spool.start()
     yield
-    await spool.stop()
+    await spool.stop()  # fsync'd and closed: a later start replays what it holds
     countries.close()
-    await app[REDIS].aclose()
 
 
 async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
@@ -126,6 +132,7 @@ def create_app(settings: Settings, *, run_writer: bool = True) -> web.Applicatio
     app = web.Application(middlewares=[observe], client_max_size=256 * 1024)
     app[SETTINGS] = settings
     app[RUN_WRITER] = run_writer
-    app.cleanup_ctx.extend([postgres, redis_client, campaign_cache, partitions, batch_writer])
+    app.cleanup_ctx.extend(
+        [postgres, redis_client, tracking, campaign_cache, partitions, batch_writer])
     routes.setup(app)
     return app

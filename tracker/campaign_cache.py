@@ -46,9 +46,6 @@ class CampaignCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def get_cached(self, slug: str) -> Campaign | None:
-        return self._by_slug.get(slug)
-
     async def get(self, slug: str) -> Campaign | None:
         campaign = self._by_slug.get(slug)
         if campaign is not None:

@@ -29,10 +29,8 @@ FIELDS = frozenset(
 MAX_ROTATION = 100
 
 
-def _str(body: dict[str, Any], name: str, max_len: int, nullable: bool = False) -> str | None:
+def _str(body: dict[str, Any], name: str, max_len: int) -> str:
     value = body[name]
-    if value is None and nullable:
-        return None
     if not isinstance(value, str):
         raise bad_request("invalid_type", f"{name} must be a string", name)
     if len(value) > max_len:
@@ -143,7 +141,7 @@ def validate(body: Any, *, partial: bool) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     if "slug" in body:
         slug = _str(body, "slug", 64)
-        if slug is None or not SLUG.fullmatch(slug):
+        if not SLUG.fullmatch(slug):
             raise bad_request("invalid_slug", "slug must match [A-Za-z0-9_-]{1,64}", "slug")
         clean["slug"] = slug
     if "name" in body:

@@ -69,6 +69,7 @@ BACKLOG_AGE = Gauge(
     "tracker_write_backlog_oldest_age_seconds", "Age of the oldest event not yet in PostgreSQL",
     multiprocess_mode="mostrecent",
 )
+# A family of the contract's; its tries start with conversions' outbound postbacks.
 POSTBACKS = Counter(
     "tracker_outbound_postbacks_total", "Outbound postback tries by outcome", ["outcome"]
 )

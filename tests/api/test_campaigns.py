@@ -114,3 +114,10 @@ async def test_every_operator_route_needs_the_token(service: Running) -> None:
             assert status == 401, (method, path, headers)
             assert body["error"]["code"] == "unauthorized"
     assert (await service.api("GET", f"/api/campaigns/{c['id']}"))[0] == 200
+
+
+async def test_a_generated_slug_is_also_the_default_name(service: Running) -> None:
+    c = await service.create_campaign()
+    assert c["name"] == c["slug"]
+    named = await service.create_campaign(name="Black Friday")
+    assert named["name"] == "Black Friday" and named["slug"] != "Black Friday"

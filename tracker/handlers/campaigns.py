@@ -24,10 +24,12 @@ async def create(request: web.Request) -> web.Response:
     values = model.validate(await read_json(request), partial=False)
     pool = request.app[PG]
     explicit_slug = "slug" in values
+    explicit_name = "name" in values
     for _ in range(5):
         if not explicit_slug:
             values["slug"] = model.new_slug()
-        values.setdefault("name", values["slug"])
+        if not explicit_name:
+            values["name"] = values["slug"]  # the slug of this try, not of a taken one
         try:
             row = await store.insert(pool, values)
             break

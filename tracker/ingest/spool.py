@@ -41,7 +41,6 @@ class Spool:
         self._fd: int | None = None
         self._path: Path | None = None
         self._dirty = False
-        self._written = 0  # events in the current file
         self._task: asyncio.Task[None] | None = None
 
     # -- writing (the hot path, when Redis failed) ---------------------------------------------
@@ -67,7 +66,6 @@ class Spool:
             self._fd = fd
         os.write(self._fd, orjson.dumps(record) + b"\n")
         self._dirty = True
-        self._written += 1
         metrics.SPOOL.labels("written").inc()
 
     def _sync(self) -> None:
@@ -81,7 +79,6 @@ class Spool:
             self._sync()
             os.close(self._fd)  # releases the flock
             self._fd = None
-            self._written = 0
 
     # -- the background task -------------------------------------------------------------------
 
