@@ -9,17 +9,17 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import pycountry
 
+from . import money
 from .errors import ApiError, bad_request
 from .macros import CLICK_MACROS, POSTBACK_MACROS, Template, TemplateError, check_url, compile_template
 
 SLUG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EVENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DECIMAL = re.compile(r"(0|[1-9][0-9]{0,13})(\.[0-9]{1,6})?")
 COST_MODELS = ("cpc", "cpm", "cpa", "revshare", "none")
 STATUSES = ("active", "paused")
 FIELDS = frozenset(
@@ -49,21 +49,10 @@ def _url(value: Any, name: str, macros: frozenset[str]) -> str:
 
 
 def _decimal(value: Any, name: str) -> Decimal:
-    if not isinstance(value, str) or not DECIMAL.fullmatch(value):
-        raise bad_request(
-            "invalid_decimal",
-            f"{name} must be a decimal string such as \"0.25\" (not a number, at most 6 decimals)",
-            name)
     try:
-        return Decimal(value)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
-        raise bad_request("invalid_decimal", f"{name} must be a decimal string", name) from None
-
-
-def decimal_str(value: Decimal) -> str:
-    """A Decimal as the shortest plain string: 0.250000 → "0.25", 2.000000 → "2"."""
-    text = format(value.normalize(), "f")
-    return text
+        return money.parse(value)
+    except money.MoneyError as exc:
+        raise bad_request("invalid_decimal", f"{name} {exc}", name) from None
 
 
 def _rotation(value: Any) -> list[dict[str, Any]]:
@@ -120,13 +109,13 @@ def _payouts(value: Any) -> list[dict[str, str]]:
                               where)
         if "amount" in item:
             out.append({"event": event,
-                        "amount": decimal_str(_decimal(item["amount"], f"{where}.amount"))})
+                        "amount": money.to_str(_decimal(item["amount"], f"{where}.amount"))})
         else:
             percent = _decimal(item["percent"], f"{where}.percent")
             if percent > 100:
                 raise bad_request("invalid_decimal", f"{where}.percent must be at most 100",
                                   f"{where}.percent")
-            out.append({"event": event, "percent": decimal_str(percent)})
+            out.append({"event": event, "percent": money.to_str(percent)})
     return out
 
 
@@ -213,6 +202,10 @@ class Campaign:
     fallback_url: str | None
     targets: tuple[tuple[str, Template], ...]  # (url as configured, compiled)
     cumulative: tuple[int, ...]                # running sum of weights, for a weighted pick
+    # What one billable click and one billable impression cost, as the decimal strings
+    # events carry (money.to_str), made once per load rather than once per event.
+    click_cost: str
+    impression_cost: str
 
     @classmethod
     def from_row(cls, row: Any) -> Campaign:
@@ -222,6 +215,7 @@ class Campaign:
         else:
             urls = [(row["destination_url"], 1)]
         cumulative, total = [], 0
+        cost: Decimal = row["cost_value"]
         for _, weight in urls:
             total += weight
             cumulative.append(total)
@@ -231,6 +225,8 @@ class Campaign:
             currency=row["currency"], fallback_url=row["fallback_url"],
             targets=tuple((url, compile_template(url)) for url, _ in urls),
             cumulative=tuple(cumulative),
+            click_cost=money.to_str(cost) if row["cost_model"] == "cpc" else "0",
+            impression_cost=money.to_str(money.per_mille(cost)) if row["cost_model"] == "cpm" else "0",
         )
 
     def pick(self, rng: random.Random) -> tuple[str, Template]:
@@ -238,15 +234,6 @@ class Campaign:
             return self.targets[0]
         point = rng.randrange(self.cumulative[-1])
         return self.targets[bisect.bisect_right(self.cumulative, point)]
-
-    @property
-    def click_cost(self) -> str:
-        """What one billable click costs, as the decimal string the event carries."""
-        return decimal_str(self.cost_value) if self.cost_model == "cpc" else "0"
-
-    @property
-    def impression_cost(self) -> str:
-        return decimal_str(self.cost_value / 1000) if self.cost_model == "cpm" else "0"
 
 
 def to_json(row: Any, base_url: str) -> dict[str, Any]:
@@ -260,7 +247,7 @@ def to_json(row: Any, base_url: str) -> dict[str, Any]:
         "rotation": row["rotation"] or [],
         "fallback_url": row["fallback_url"],
         "cost_model": row["cost_model"],
-        "cost_value": decimal_str(row["cost_value"]),
+        "cost_value": money.to_str(row["cost_value"]),
         "currency": row["currency"],
         "payouts": row["payouts"] or [],
         "postback_url": row["postback_url"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -26,7 +27,7 @@ async def test_pixel_records_an_impression(service: Running, pg: asyncpg.Connect
     assert headers["Cache-Control"] == "no-store"
     row = await eventually(lambda: pg.fetchrow("SELECT * FROM impressions"))
     assert row["pub"] == "site1" and row["sub1"] == "top" and not row["is_bot"]
-    assert str(row["cost"]) == "0.002500"
+    assert row["cost"] == Decimal("0.0025")
 
 
 async def test_pixel_answers_the_gif_even_when_nothing_can_be_recorded(service: Running) -> None:

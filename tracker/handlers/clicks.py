@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ..campaigns import decimal_str
+from .. import money
 from ..errors import ApiError, bad_request, not_found
 from ..ids import id_time, id_uuid, parse_id
 from ..ingest.params import TRACKING_PARAMS
@@ -27,7 +27,7 @@ def _view(click_id: str, when: datetime, source: Any) -> dict[str, Any]:
         value = source.get(name)
         body[name] = "" if value is None and name in TRACKING_PARAMS else value
     cost = source.get("cost") or "0"
-    body["cost"] = decimal_str(cost if isinstance(cost, Decimal) else Decimal(cost))
+    body["cost"] = money.to_str(cost if isinstance(cost, Decimal) else Decimal(cost))
     # Conversions are attributed by the conversions capability; none can exist yet.
     body["conversions"] = []
     return body

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 
-from ..campaigns import decimal_str
+from .. import money
 from ..errors import bad_request
 from ..keys import PG
 from ..storage import campaigns as campaign_store
@@ -19,7 +19,6 @@ from .common import json_response
 BUCKET = timedelta(minutes=15)
 MAX_RANGE = timedelta(days=3660)
 COUNTS = ("impressions", "clicks", "unique_clicks", "bot_clicks")
-MONEY_PLACES = Decimal("0.000001")
 
 
 def _zone(raw: str) -> ZoneInfo:
@@ -58,10 +57,6 @@ def _ratio(num: Decimal | int, den: Decimal | int) -> float | None:
     return None if not den else round(float(Decimal(num) / Decimal(den)), 6)
 
 
-def _money_ratio(num: Decimal, den: Decimal | int) -> str | None:
-    return None if not den else decimal_str((num / Decimal(den)).quantize(MONEY_PLACES))
-
-
 def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
     impressions, clicks = sums["impressions"], sums["clicks"]
     cost: Decimal = sums["cost"]
@@ -73,14 +68,14 @@ def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
         "unique_clicks": sums["unique_clicks"],
         "bot_clicks": sums["bot_clicks"],
         "conversions": conversions,
-        "revenue": decimal_str(revenue),
-        "cost": decimal_str(cost),
-        "profit": decimal_str(revenue - cost),
+        "revenue": money.to_str(revenue),
+        "cost": money.to_str(cost),
+        "profit": money.to_str(revenue - cost),
         "ctr": _ratio(clicks, impressions),
         "cr": _ratio(conversions, clicks),
-        "epc": _money_ratio(revenue, clicks),
-        "cpc": _money_ratio(cost, clicks),
-        "cpa": _money_ratio(cost, conversions),
+        "epc": money.per_unit(revenue, clicks),
+        "cpc": money.per_unit(cost, clicks),
+        "cpa": money.per_unit(cost, conversions),
         "roi": _ratio(revenue - cost, cost),
         "roas": _ratio(revenue, cost),
     }

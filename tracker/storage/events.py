@@ -4,12 +4,12 @@ inserts nothing and so folds nothing."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
+from .. import money
 from ..ids import decode_id
 
 CLICK_COLUMNS = (
@@ -96,7 +96,30 @@ class BadEvent(ValueError):
     """An event that can never be stored as it is (malformed in the buffer)."""
 
 
-_DECIMAL = re.compile(r"-?[0-9]{1,14}(\.[0-9]{1,6})?")
+# Free-text columns of each kind of event, in CLICK_COLUMNS / IMPRESSION_COLUMNS order.
+CLICK_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id", "utm_source",
+               "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id")
+IMPRESSION_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5")
+TRAIT_TEXTS = ("country", "device", "user_agent")
+CLICK_TRAIT_TEXTS = TRAIT_TEXTS + ("referer",)
+
+
+def _texts(event: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The named text values ("" when absent). A value asyncpg could not encode (a number,
+    a list) is refused here, alone; a null goes on to PostgreSQL, whose NOT NULL refuses it
+    as the event's fault (class 23) and the writer sets that event aside."""
+    values = tuple(event.get(name, "") for name in names)
+    for value in values:
+        if value is not None and type(value) is not str:
+            raise BadEvent(f"a text field holds {type(value).__name__}: {value!r:.80}")
+    return values
+
+
+def _required_text(event: dict[str, Any], name: str) -> Any:
+    value = event[name]
+    if value is not None and type(value) is not str:
+        raise BadEvent(f"{name} must be a string, not {value!r:.80}")
+    return value
 
 
 def _ip(value: Any) -> str | None:
@@ -108,48 +131,49 @@ def _ip(value: Any) -> str | None:
     return value
 
 
-def _money(value: Any) -> str:
-    # Staged as text and cast to numeric by PostgreSQL; checked here so that a bad amount is
-    # refused alone instead of failing its batch.
-    if not value:
-        return "0"
-    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
-        raise BadEvent(f"bad amount {value!r}")
+def _flag(event: dict[str, Any], name: str) -> bool:
+    value = event[name]
+    if type(value) is not bool:
+        raise BadEvent(f"{name} must be true or false, not {value!r:.80}")
     return value
 
 
-def _common(event: dict[str, Any]) -> tuple[Any, ...]:
-    return decode_id(event["id"])
+def _cost(event: dict[str, Any]) -> str:
+    # Staged as text and cast to numeric by PostgreSQL; checked here, by the same rules that
+    # made it, so that a bad amount is refused alone instead of failing its batch.
+    try:
+        return money.event_amount(event.get("cost"))
+    except money.MoneyError as exc:
+        raise BadEvent(str(exc)) from None
+
+
+def _head(event: dict[str, Any]) -> tuple[Any, ...]:
+    """(id, ts, campaign_id, visitor_id): what every event row starts with."""
+    campaign_id = event["campaign_id"]
+    if type(campaign_id) is not int:
+        raise BadEvent(f"campaign_id must be an integer, not {campaign_id!r:.80}")
+    return decode_id(event["id"]) + (campaign_id, _required_text(event, "visitor_id"))
 
 
 def click_record(event: dict[str, Any]) -> tuple[Any, ...]:
     try:
-        return _common(event) + (
-            int(event["campaign_id"]), event["visitor_id"],
-            event.get("pub", ""), event.get("sub1", ""), event.get("sub2", ""),
-            event.get("sub3", ""), event.get("sub4", ""), event.get("sub5", ""),
-            event.get("ext_click_id", ""), event.get("utm_source", ""),
-            event.get("utm_medium", ""), event.get("utm_campaign", ""),
-            event.get("utm_term", ""), event.get("utm_content", ""),
-            event.get("customer_id", ""), _ip(event.get("ip")), event.get("country", ""),
-            event.get("device", ""), event.get("user_agent", ""), event.get("referer", ""),
-            bool(event["is_unique"]), bool(event["is_bot"]), event["destination"],
-            _money(event.get("cost")),
-        )
-    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        return (_head(event) + _texts(event, CLICK_TEXTS) + (_ip(event.get("ip")),)
+                + _texts(event, CLICK_TRAIT_TEXTS)
+                + (_flag(event, "is_unique"), _flag(event, "is_bot"))
+                + (_required_text(event, "destination"), _cost(event)))
+    except BadEvent:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadEvent(f"malformed click: {exc!r}") from None
 
 
 def impression_record(event: dict[str, Any]) -> tuple[Any, ...]:
     try:
-        return _common(event) + (
-            int(event["campaign_id"]), event["visitor_id"],
-            event.get("pub", ""), event.get("sub1", ""), event.get("sub2", ""),
-            event.get("sub3", ""), event.get("sub4", ""), event.get("sub5", ""),
-            _ip(event.get("ip")), event.get("country", ""), event.get("device", ""),
-            event.get("user_agent", ""), bool(event["is_bot"]), _money(event.get("cost")),
-        )
-    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        return (_head(event) + _texts(event, IMPRESSION_TEXTS) + (_ip(event.get("ip")),)
+                + _texts(event, TRAIT_TEXTS) + (_flag(event, "is_bot"), _cost(event)))
+    except BadEvent:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadEvent(f"malformed impression: {exc!r}") from None
 
 
