@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 import orjson
 import redis.asyncio as aioredis
 
@@ -15,7 +16,7 @@ from tracker.settings import Settings
 from tracker.storage import db
 
 from ..api.test_reports import click, impression
-from ..conftest import Running, flush
+from ..conftest import Running, eventually, flush
 
 
 def writer_for(settings: Settings, redis: aioredis.Redis, **kwargs: int) -> BatchWriter:
@@ -130,3 +131,94 @@ async def test_dead_letters_replay_once_the_cause_is_gone(
     await flush(s)
     assert await counts(pg) == (1, 0, 1, 0)
     assert await replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix) == 0
+
+
+BAD_EVENTS = {
+    # JSON null where PostgreSQL has NOT NULL: SQLSTATE 23502, the event's fault.
+    "null sub1": {"sub1": None},
+    "null visitor": {"visitor_id": None},
+    "null destination": {"destination": None},
+    # Wrong types, which asyncpg could not even encode.
+    "number sub2": {"sub2": 5},
+    "list pub": {"pub": ["a"]},
+    "string flag": {"is_bot": "no"},
+    "string campaign": {"campaign_id": "7"},
+    "number cost": {"cost": 0.25},
+    "exponent cost": {"cost": "1e3"},
+    "object id": {"id": {"x": 1}},
+}
+MISSING = ["id", "campaign_id", "visitor_id", "is_unique", "is_bot", "destination", "type"]
+
+
+async def test_nulls_wrong_types_and_missing_keys_go_alone_to_dead_letters(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """Each bad event stands alone in dead_letters; every good one around it is stored; no
+    writer retries a batch forever."""
+    s = quiet_service
+    c = await s.create_campaign(slug="mixed")
+    now = datetime.now(UTC)
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    bad = [click(c["id"], now) | change for change in BAD_EVENTS.values()]
+    bad += [{k: v for k, v in click(c["id"], now).items() if k != key} for key in MISSING]
+    good = [click(c["id"], now, sub1=f"ok{i}") for i in range(len(bad) + 1)]
+    mixed = [event for pair in zip(good, bad) for event in pair] + good[len(bad):]
+    await add(redis, s.settings, mixed)
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    assert await asyncio.wait_for(writer.step(block=False), 30) == len(mixed)
+    assert await counts(pg) == (len(good), 0, len(good), 0)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == len(bad)
+    assert await redis.xlen(Keys(s.settings.redis_prefix).stream) == 0
+    await redis.aclose()
+
+
+async def test_a_row_a_constraint_refuses_is_split_out_not_retried_forever(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """Class 23 (integrity constraint) blames the row, as class 22 does."""
+    s = quiet_service
+    c = await s.create_campaign(slug="checked")
+    now = datetime.now(UTC)
+    await pg.execute("ALTER TABLE clicks ADD CONSTRAINT no_forbidden CHECK (sub5 <> 'forbidden')")
+    try:
+        redis = aioredis.Redis.from_url(s.settings.redis_url)
+        events = [click(c["id"], now, sub1=str(i)) for i in range(7)]
+        events.insert(3, click(c["id"], now, sub5="forbidden"))
+        await add(redis, s.settings, events)
+        writer = writer_for(s.settings, redis)
+        await writer.ensure_group()
+        assert await asyncio.wait_for(writer.step(block=False), 30) == 8
+        assert await counts(pg) == (7, 0, 7, 0)
+        dead = await pg.fetch("SELECT payload, error FROM dead_letters")
+        assert len(dead) == 1 and "forbidden" in dead[0]["payload"]
+        assert "CheckViolation" in dead[0]["error"]
+        await redis.aclose()
+    finally:
+        await pg.execute("ALTER TABLE clicks DROP CONSTRAINT no_forbidden")
+
+
+async def test_replay_ends_while_writers_refuse_the_same_events_again(
+        service: Running, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running writer sends a permanently bad event straight back to dead_letters under a
+    new id: the replay takes only what was there when it started, and ends. (One row per
+    chunk, so that the writer refuses the first ones while the replay still runs.)"""
+    import tracker.replay
+    from tracker.replay import replay
+
+    monkeypatch.setattr(tracker.replay, "CHUNK", 1)
+    s = service
+    c = await s.create_campaign(slug="forever")
+    poison = orjson.dumps(click(c["id"], datetime.now(UTC), sub1="nul\x00byte")).decode()
+    await pg.executemany("INSERT INTO dead_letters (stream_id, payload, error) VALUES ($1, $2, 'x')",
+                         [(f"{i}-0", poison) for i in range(POISON)])
+    replayed = await asyncio.wait_for(
+        replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix), 60)
+    assert replayed == POISON
+    # The writer refused each again: back in dead_letters once each, under their new ids.
+    async def refused_again() -> bool:
+        return bool(await pg.fetchval("SELECT count(*) FROM dead_letters") == POISON)
+
+    assert await eventually(refused_again, timeout=30)
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters WHERE error = 'x'") == 0
+
+
+POISON = 200

@@ -30,17 +30,17 @@ log = logging.getLogger(__name__)
 Entry = tuple[str, dict[bytes, bytes]]
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
-# Errors that blame one event's values, not PostgreSQL nor our code: only these split a batch
-# to find the culprit. Anything else (connection lost, server restarting, a missing table, a
-# constraint our own schema change broke) retries the whole batch after a pause and shows in
-# tracker_batch_failures_total, so neither an outage nor a bad deploy sends good events to
-# dead_letters.
-DATA_ERRORS = (
-    asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError,
-    asyncpg.InvalidTextRepresentationError, asyncpg.InvalidBinaryRepresentationError,
-    asyncpg.NumericValueOutOfRangeError, asyncpg.StringDataRightTruncationError,
-    asyncpg.DatetimeFieldOverflowError, asyncpg.ProgramLimitExceededError,
-)
+# Errors that blame a row's values, not PostgreSQL nor our code: SQLSTATE class 22 (data
+# exception: bad encoding, out of range, a NUL byte) and class 23 (integrity constraint: a
+# null where none may be). Only these split a batch to find the culprit, who goes alone to
+# dead_letters. Anything else (connection lost, server restarting, a missing table) retries
+# the whole batch after a pause and shows in tracker_batch_failures_total, so an outage never
+# sends good events to dead_letters.
+DATA_ERROR_CLASSES = ("22", "23")
+
+
+def blames_a_row(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
 
 
 # Written entries are acknowledged and leave the stream, so its length is the backlog.
@@ -220,7 +220,9 @@ class BatchWriter:
                 for entry_id, fields, error in bad:
                     await store.dead_letter(conn, entry_id, _payload(fields), error)
                 new_clicks, new_impressions = await store.write(conn, clicks, impressions)
-        except DATA_ERRORS as exc:
+        except asyncpg.PostgresError as exc:
+            if not blames_a_row(exc):
+                raise
             if len(batch) == 1:
                 log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", batch[0][0], exc)
                 async with conn.transaction():
@@ -293,5 +295,7 @@ def _s(value: bytes | str) -> str:
 
 
 def _payload(fields: dict[bytes, bytes]) -> str:
+    """The entry as text PostgreSQL will take: a payload that is not even valid text (a NUL
+    byte, broken UTF-8) must still reach dead_letters, or it would wedge the writer."""
     raw = fields.get(b"e", b"")
-    return raw.decode("utf-8", "replace")
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
