@@ -29,15 +29,19 @@ async def show(database_url: str) -> str:
 
 
 async def replay(database_url: str, redis_url: str, prefix: str) -> int:
-    """Put every dead letter back into the stream; return how many."""
+    """Put every dead letter present now back into the stream; return how many.
+
+    Only those present when the replay starts: an event the writers refuse again comes back
+    as a new row while we work, and chasing it would replay forever."""
     conn = await db.connect(database_url)
     redis = aioredis.Redis.from_url(redis_url)
     stream = Keys(prefix).stream
     replayed = 0
     try:
+        up_to = await store.last_id(conn)
         while True:
             async with conn.transaction():
-                rows = await store.take(conn, CHUNK)
+                rows = await store.take(conn, CHUNK, up_to)
                 if not rows:
                     return replayed
                 async with redis.pipeline(transaction=False) as pipe:
