@@ -40,7 +40,7 @@ MAX_BUFFERED = 256 * 1024      # pipelined bytes held before we stop reading
 KEEPALIVE_SECONDS = 75.0
 REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found",
            414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-           500: b"Internal Server Error"}
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
 ROUTES = {b"/c/": "/c/{slug}", b"/i/": "/i/{slug}"}
 
 

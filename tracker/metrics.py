@@ -85,6 +85,7 @@ class DropReason(StrEnum):
     CAMPAIGN_PAUSED = "campaign_paused"
     INVALID_PARAMS = "invalid_params"
     BUFFER_UNAVAILABLE = "buffer_unavailable"
+    NOT_READY = "not_ready"  # campaigns not loaded yet (PostgreSQL away since start, no snapshot)
     INTERNAL_ERROR = "internal_error"
 
 

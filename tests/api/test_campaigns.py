@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 
-from ..conftest import AUTH, Running, eventually
+from tracker.settings import Settings
+
+from ..conftest import AUTH, Running, eventually, start
 
 
 async def test_create_returns_ready_made_urls(service: Running) -> None:
@@ -88,16 +90,28 @@ async def test_patch_validates_the_merged_campaign(service: Running) -> None:
         "code": "unknown_field", "message": "unknown field 'weight'", "field": "weight"}
 
 
-async def test_a_campaign_made_by_another_worker_is_served_at_once(service: Running) -> None:
-    # Another worker (another process) writes straight to PostgreSQL; this worker has never
-    # heard of the slug and must still serve it on the first click.
+async def test_a_campaign_nobody_announced_is_served_after_the_next_refresh(
+        settings: Settings) -> None:
+    """Written straight to PostgreSQL with no announcement (as when Redis was away while it
+    was made elsewhere): unknown at first (404, no query per click), served once the worker's
+    periodic check sees that campaigns changed."""
     from tracker.keys import PG
     from tracker.storage import campaigns as store
 
-    await store.insert(service.app[PG], {"slug": "elsewhere", "name": "e",
-                                          "destination_url": "https://e.example/"})
-    r = await service.click("elsewhere")
-    assert r.status == 302 and r.headers["Location"] == "https://e.example/"
+    runner, running = await start(settings.with_(campaign_refresh_seconds=1))
+    try:
+        await store.insert(running.app[PG], {"slug": "elsewhere", "name": "e",
+                                              "destination_url": "https://e.example/"})
+        assert (await running.click("elsewhere")).status == 404
+
+        async def served() -> bool:
+            r = await running.click("elsewhere")
+            return r.status == 302 and r.headers["Location"] == "https://e.example/"
+
+        assert await eventually(served, timeout=5)
+    finally:
+        await running.close()
+        await runner.cleanup()
 
 
 async def test_every_operator_route_needs_the_token(service: Running) -> None:

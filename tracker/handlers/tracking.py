@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .. import metrics
-from ..campaigns import SLUG
 from ..errors import ApiError, error_body, not_found
 from ..ingest.params import read_params
 from ..ingest.track import LAST_CLICK_COOKIE, VISITOR_COOKIE
@@ -56,8 +55,14 @@ async def answer_click(app: web.Application, hit: Hit) -> Answer:
 
 
 async def _click(app: web.Application, hit: Hit) -> Answer:
-    campaign = await app[CAMPAIGNS].get(hit.slug) if SLUG.fullmatch(hit.slug) else None
+    campaigns = app[CAMPAIGNS]
+    campaign = campaigns.get(hit.slug) or await campaigns.find(hit.slug)
     if campaign is None:
+        if not campaigns.loaded:
+            # PostgreSQL has been away since this worker started and no snapshot exists: the
+            # link may well be real, so not a 404.
+            metrics.dropped("click", DropReason.NOT_READY)
+            raise ApiError(503, "not_ready", "campaigns are not loaded yet; try again shortly")
         metrics.dropped("click", DropReason.UNKNOWN_CAMPAIGN)
         raise not_found("no active campaign has this link", code="unknown_link")
     if campaign.status != "active":
@@ -94,9 +99,11 @@ async def answer_pixel(app: web.Application, hit: Hit) -> Answer:
     if hit.method == "HEAD":
         return PIXEL
     try:
-        campaign = await app[CAMPAIGNS].get(hit.slug) if SLUG.fullmatch(hit.slug) else None
+        campaigns = app[CAMPAIGNS]
+        campaign = campaigns.get(hit.slug) or await campaigns.find(hit.slug)
         if campaign is None:
-            metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN)
+            metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN if campaigns.loaded
+                            else DropReason.NOT_READY)
         else:
             await app[TRACKER].impression(hit, campaign, read_params(hit.query))
     except ApiError:

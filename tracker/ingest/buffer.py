@@ -53,6 +53,14 @@ class Keys:
     def unique(self, campaign_id: int, visitor_id: str) -> str:
         return f"{self.prefix}u:{campaign_id}:{visitor_id}"
 
+    def campaign(self, slug: str) -> str:
+        """A campaign changed a moment ago, for workers that have not loaded it yet."""
+        return f"{self.prefix}campaign:{slug}"
+
+    def writer_alive(self, consumer: str) -> str:
+        """Set by a live batch writer, expiring claim_idle_ms after its last heartbeat."""
+        return f"{self.prefix}writer:{consumer}"
+
 
 Command = tuple[Any, ...]
 

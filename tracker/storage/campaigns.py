@@ -13,12 +13,17 @@ WRITABLE = ("slug", "name", "destination_url", "rotation", "fallback_url", "cost
 
 GET = f"SELECT {COLUMNS} FROM campaigns WHERE id = $1 AND deleted_at IS NULL"
 GET_FOR_UPDATE = GET + " FOR UPDATE"
-GET_LIVE_BY_SLUG = f"SELECT {COLUMNS} FROM campaigns WHERE slug = $1 AND deleted_at IS NULL"
 LIST_PAGE = f"""
 SELECT {COLUMNS} FROM campaigns
 WHERE deleted_at IS NULL AND id > $1
 ORDER BY id LIMIT $2"""
 ALL_LIVE = f"SELECT {COLUMNS} FROM campaigns WHERE deleted_at IS NULL"
+# One digest of every campaign's (id, updated_at), deleted ones included: it changes with any
+# committed change, whatever order transactions commit in (a max(updated_at) would miss a
+# change committed after a later one).
+VERSION = """
+SELECT md5(coalesce(string_agg(id::text || ':' || updated_at::text, ',' ORDER BY id), ''))
+FROM campaigns"""
 SOFT_DELETE = """
 UPDATE campaigns SET deleted_at = now(), updated_at = now()
 WHERE id = $1 AND deleted_at IS NULL RETURNING slug"""
@@ -61,17 +66,17 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, campaign_id: int,
     return row
 
 
-async def get_live_by_slug(pool: asyncpg.Pool, slug: str) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await pool.fetchrow(GET_LIVE_BY_SLUG, slug)
-    return row
-
-
 async def list_page(pool: asyncpg.Pool, after_id: int, limit: int) -> list[asyncpg.Record]:
     return list(await pool.fetch(LIST_PAGE, after_id, limit))
 
 
 async def all_live(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(await pool.fetch(ALL_LIVE))
+
+
+async def version(pool: asyncpg.Pool) -> str:
+    digest: str = await pool.fetchval(VERSION)
+    return digest
 
 
 async def soft_delete(pool: asyncpg.Pool, campaign_id: int) -> str | None:
