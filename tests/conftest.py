@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -320,3 +321,136 @@ async def eventually(check: Any, timeout: float = 10.0) -> Any:
         if result or asyncio.get_running_loop().time() > deadline:
             return result
         await asyncio.sleep(0.05)
+
+
+class Served:
+    """`tracker serve` as a subprocess (the real supervisor and workers), on this session's
+    servers unless `env` says otherwise; its output kept in `data_dir/serve.out`."""
+
+    def __init__(self, backing: tuple[str, str], data_dir: Path, slug: str = "", *,
+                 prefix: str = "", port: int = 0, **env: str) -> None:
+        self.port = port or free_port()
+        self.prefix = prefix or f"p{uuid.uuid4().hex[:8]}:"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.slug = slug
+        self.data_dir = data_dir
+        self.env = os.environ | {
+            "DATABASE_URL": backing[0], "REDIS_URL": backing[1], "TRACKER_API_TOKEN": "k",
+            "TRACKER_LISTEN": f"127.0.0.1:{self.port}", "TRACKER_DATA_DIR": str(data_dir),
+            "TRACKER_REDIS_PREFIX": self.prefix, "TRACKER_LOG_LEVEL": "WARNING",
+            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "3600",
+        } | env
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.output = data_dir / "serve.out"
+        with open(self.output, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    async def healthy(self, timeout: float = 30) -> None:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.output.read_text()
+                try:
+                    async with http.get(f"{self.base}/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError("tracker serve never answered: " + self.output.read_text())
+
+    async def ready(self) -> None:
+        """Healthy, with the campaign `slug` made."""
+        await self.healthy()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.base}/api/campaigns", headers={"Authorization": "Bearer k"},
+                                 json={"slug": self.slug,
+                                       "destination_url": "https://s.example/?cid={click_id}"}) as r:
+                assert r.status == 201, await r.text()
+
+    def stop(self, timeout: float = 20) -> float:
+        """SIGTERM; the seconds it took to exit (which must be 0)."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=timeout) == 0, self.output.read_text()
+        return time.monotonic() - started
+
+    async def close(self, redis: aioredis.Redis | None = None) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if redis is not None:
+            await redis.delete(f"{self.prefix}events")  # the rest expires within the hour
+
+
+class PgProxy:
+    """A TCP proxy in front of PostgreSQL that counts the statements clients run through it
+    (simple 'Q' and extended-protocol 'E' messages): what reaches the database, measured on
+    the wire."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        self._socket_dir = query.get("host", "") if query.get("host", "").startswith("/") else ""
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 5432
+        self._user = parts.username or "postgres"
+        self._database = parts.path.lstrip("/") or self._user
+        self.statements = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"postgresql://{self._user}@127.0.0.1:{port}/{self._database}?sslmode=disable"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._socket_dir:
+            server_r, server_w = await asyncio.open_unix_connection(
+                f"{self._socket_dir}/.s.PGSQL.{self._port}")
+        else:
+            server_r, server_w = await asyncio.open_connection(self._host, self._port)
+        tasks = [asyncio.create_task(self._from_client(client_r, server_w)),
+                 asyncio.create_task(self._copy(server_r, client_w))]
+        self._pipes.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+                self._pipes.discard(task)
+            client_w.close()
+            server_w.close()
+
+    async def _from_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import struct
+
+        # The startup message has no type byte; then every message is type, length, body.
+        head = await reader.readexactly(8)
+        length = struct.unpack("!i", head[:4])[0]
+        writer.write(head + await reader.readexactly(length - 8))
+        while True:
+            kind = await reader.readexactly(1)
+            size = await reader.readexactly(4)
+            body = await reader.readexactly(struct.unpack("!i", size)[0] - 4)
+            if kind in (b"Q", b"E"):
+                self.statements += 1
+            writer.write(kind + size + body)
+
+    @staticmethod
+    async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)

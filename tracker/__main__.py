@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from . import logs
 from .settings import Settings, SettingsError
 
 
@@ -43,22 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         from .embedded import servers
         from .storage.migrations import migrate
 
-        logging.basicConfig(level=settings.log_level, format="%(levelname)s %(message)s")
-        with servers(settings.database_url, "unused", settings.data_dir) as (db_url, _):
-            applied = asyncio.run(migrate(db_url))
+        logs.configure(settings.log_level)
+        with servers(settings.database_url, "unused", settings.data_dir) as found:
+            applied = asyncio.run(migrate(found.database_url))
         print("applied: " + ", ".join(applied) if applied else "up to date")
         return 0
     if args.command == "dead-letters":
         from .embedded import servers
         from .replay import replay, show
 
+        logs.configure(settings.log_level)
         with servers(settings.database_url, settings.redis_url if args.replay else "unused",
-                     settings.data_dir) as (db_url, redis_url):
+                     settings.data_dir) as found:
             if args.replay:
-                count = asyncio.run(replay(db_url, redis_url, settings.redis_prefix))
+                count = asyncio.run(replay(found.database_url, found.redis_url,
+                                           settings.redis_prefix))
                 print(f"replayed {count} events into the stream")
             else:
-                print(asyncio.run(show(db_url)))
+                print(asyncio.run(show(found.database_url)))
         return 0
     return 2  # pragma: no cover
 

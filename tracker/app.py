@@ -1,7 +1,14 @@
 """create_app(settings) → the aiohttp application of one worker.
 
 Resources open in this order and close in reverse: PostgreSQL, Redis, the tracking pieces
-(buffer, spool, request tracker), campaign cache, partition upkeep, batch writer.
+(buffer, spool, request tracker), campaign cache, partition upkeep, batch writer. Nothing
+here waits for PostgreSQL or Redis to answer: a worker starts, and answers redirects, during
+an outage of either, and catches up in the background.
+
+Leaving (SIGTERM, see worker.py): the servers stop accepting and answer what is in flight
+(IN_FLIGHT_SECONDS), then the batch writer finishes its batch (WRITER_STOP_SECONDS) and
+drains the stream (DRAIN_SECONDS), then the rest closes (CLOSE_SECONDS each). Together they
+stay under the supervisor's 10 s before it kills a worker.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from .ingest.buffer import EventBuffer, Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
-from .ingest.writer import BatchWriter
-from .keys import BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER, WRITER
+from .ingest.writer import BatchWriter, consumer_name
+from .keys import (BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER,
+                   WORKER_SLOT, WRITER)
 from .middleware import observe
 from .settings import Settings
 from .storage import db
@@ -30,16 +38,22 @@ from .storage import events as event_store
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_DRAIN_SECONDS = 5.0
+IN_FLIGHT_SECONDS = 2.0
+WRITER_STOP_SECONDS = 1.5
+DRAIN_SECONDS = 3.0
+CLOSE_SECONDS = 1.0
 REDIS_CONNECTIONS = 256
 REDIS_WAIT_SECONDS = 2.0
 PARTITION_UPKEEP_EVERY = 3600.0
 
 
 async def postgres(app: web.Application) -> AsyncIterator[None]:
-    app[PG] = await db.create_pool(app[SETTINGS].database_url)
+    app[PG] = pool = await db.create_pool(app[SETTINGS].database_url)
     yield
-    await app[PG].close()
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+    except (asyncio.TimeoutError, OSError):
+        pool.terminate()
 
 
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
@@ -53,7 +67,10 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = aioredis.Redis(connection_pool=pool)
     app[REDIS_KEYS] = Keys(settings.redis_prefix)
     yield
-    await app[REDIS].aclose()
+    try:
+        await asyncio.wait_for(app[REDIS].aclose(), CLOSE_SECONDS)
+    except (asyncio.TimeoutError, OSError):
+        pass
 
 
 async def tracking(app: web.Application) -> AsyncIterator[None]:
@@ -71,7 +88,10 @@ async def tracking(app: web.Application) -> AsyncIterator[None]:
 
 
 async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
-    cache = CampaignCache(app[PG], app[REDIS], app[REDIS_KEYS].campaigns_channel)
+    settings = app[SETTINGS]
+    cache = CampaignCache(app[PG], app[REDIS], app[REDIS_KEYS],
+                          snapshot=settings.data_dir / "campaigns.json",
+                          refresh_seconds=settings.campaign_refresh_seconds)
     await cache.start()
     app[CAMPAIGNS] = cache
     yield
@@ -90,14 +110,15 @@ async def partitions(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            await asyncio.sleep(PARTITION_UPKEEP_EVERY)
             try:
                 await upkeep()
-            except Exception as exc:  # noqa: BLE001 - retried next hour, days ahead exist
+                delay = PARTITION_UPKEEP_EVERY
+            except Exception as exc:  # noqa: BLE001 - retried soon; days ahead exist
                 metrics.BACKEND_ERRORS.labels("postgres").inc()
                 log.warning("partition upkeep failed: %r", exc)
+                delay = 5.0
+            await asyncio.sleep(delay)
 
-    await upkeep()
     task = asyncio.create_task(loop(), name="partition-upkeep")
     yield
     task.cancel()
@@ -107,31 +128,40 @@ async def partitions(app: web.Application) -> AsyncIterator[None]:
 
 async def batch_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    run = app[RUN_WRITER]
     writer = BatchWriter(
         app[REDIS], lambda: db.connect(settings.database_url), app[REDIS_KEYS],
         batch_size=settings.batch_size, wait_ms=settings.batch_wait_ms,
-        claim_idle_ms=settings.claim_idle_ms, linger_ms=settings.batch_linger_ms)
-    await writer.ensure_group()
+        claim_idle_ms=settings.claim_idle_ms, linger_ms=settings.batch_linger_ms,
+        consumer=consumer_name(settings.data_dir, app[WORKER_SLOT]))
     app[WRITER] = writer
-    if not run:
+    if not app[RUN_WRITER]:
         yield
+        await writer.close()
         return
     task = asyncio.create_task(writer.run(), name="batch-writer")
     yield
-    # In-flight requests are answered by now: flush what they buffered, then stop.
+    # In-flight requests are answered by now: finish the batch in hand, then flush the rest.
     writer.stop()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_DRAIN_SECONDS)
-    except asyncio.TimeoutError:
+    await asyncio.wait([task], timeout=WRITER_STOP_SECONDS)
+    while not task.done():
+        # Stuck on a server that does not answer. (A cancellation can be swallowed by a
+        # wait_for inside a library as its call completes: insist until the task is gone.)
         task.cancel()
-    await writer.drain(time.monotonic() + SHUTDOWN_DRAIN_SECONDS)
+        await asyncio.wait([task], timeout=0.1)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batch writer failed: %r", task.exception())
+    # Only now may the drain use the writer's connection: the task no longer does.
+    await writer.drain(time.monotonic() + DRAIN_SECONDS)
+    await writer.close()
 
 
-def create_app(settings: Settings, *, run_writer: bool = True) -> web.Application:
+def create_app(settings: Settings, *, run_writer: bool = True, slot: int = 0) -> web.Application:
+    """The app of worker `slot` (0 .. TRACKER_WORKERS-1): the slot names its batch writer, so
+    a restarted worker takes up the batch its predecessor in that slot left pending."""
     app = web.Application(middlewares=[observe], client_max_size=256 * 1024)
     app[SETTINGS] = settings
     app[RUN_WRITER] = run_writer
+    app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
         [postgres, redis_client, tracking, campaign_cache, partitions, batch_writer])
     routes.setup(app)

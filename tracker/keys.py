@@ -22,3 +22,5 @@ TRACKER = web.AppKey("tracker", RequestTracker)
 WRITER = web.AppKey("writer", BatchWriter)
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)
+# Which of the supervisor's workers this is (0 .. TRACKER_WORKERS-1).
+WORKER_SLOT = web.AppKey("worker_slot", int)

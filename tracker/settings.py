@@ -47,6 +47,8 @@ class Settings:
     # Bearer token of the operator API. Empty: `serve` makes one and keeps it in data_dir.
     api_token: str = ""
     listen: str = "127.0.0.1:8080"
+    # Where /metrics, /healthz and /readyz answer instead of the public port (empty: there).
+    admin_listen: str = ""
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Base of the tracking URLs handed out in campaign responses; https turns on
     # `SameSite=None; Secure` cookies.
@@ -61,8 +63,12 @@ class Settings:
     batch_wait_ms: int = 100
     # Under load (a read of 32+ events), wait this long for a fuller batch before writing.
     batch_linger_ms: int = 50
-    # Pending stream entries idle this long belong to a dead writer and are claimed.
-    claim_idle_ms: int = 30_000
+    # A writer that has not said it is alive for this long is dead: its pending events are
+    # claimed by a live one. A live writer's batch is never taken, however long it takes.
+    claim_idle_ms: int = 10_000
+    # How often a worker asks PostgreSQL whether campaigns changed (announcements on Redis
+    # make it immediate; this catches those missed while Redis was away).
+    campaign_refresh_seconds: int = 5
     # How long a click stays readable from Redis (read-your-writes before PostgreSQL has it).
     click_cache_ttl: int = 3600
     unique_window: int = 86_400
@@ -84,6 +90,13 @@ class Settings:
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit():
             raise SettingsError(f"TRACKER_LISTEN must be host:port, got {listen!r}")
+        admin_listen = env.get("TRACKER_ADMIN_LISTEN", "").strip()
+        if admin_listen:
+            admin_host, _, admin_port = admin_listen.rpartition(":")
+            if not admin_host or not admin_port.isdigit():
+                raise SettingsError(f"TRACKER_ADMIN_LISTEN must be host:port, got {admin_listen!r}")
+            if admin_listen == listen:
+                raise SettingsError("TRACKER_ADMIN_LISTEN must differ from TRACKER_LISTEN")
         public_url = env.get("TRACKER_PUBLIC_URL", "").strip().rstrip("/")
         if public_url and not public_url.startswith(("http://", "https://")):
             raise SettingsError("TRACKER_PUBLIC_URL must start with http:// or https://")
@@ -92,6 +105,7 @@ class Settings:
             redis_url=env.get("REDIS_URL", "").strip(),
             api_token=env.get("TRACKER_API_TOKEN", "").strip(),
             listen=listen,
+            admin_listen=admin_listen,
             workers=_int(env, "TRACKER_WORKERS", os.cpu_count() or 1, minimum=1),
             public_url=public_url,
             data_dir=Path(env.get("TRACKER_DATA_DIR", "").strip() or ".tracker-data"),
@@ -100,7 +114,8 @@ class Settings:
             batch_size=_int(env, "TRACKER_BATCH_SIZE", 5000, minimum=1),
             batch_wait_ms=_int(env, "TRACKER_BATCH_WAIT_MS", 100, minimum=1),
             batch_linger_ms=_int(env, "TRACKER_BATCH_LINGER_MS", 50),
-            claim_idle_ms=_int(env, "TRACKER_CLAIM_IDLE_MS", 30_000, minimum=100),
+            claim_idle_ms=_int(env, "TRACKER_CLAIM_IDLE_MS", 10_000, minimum=100),
+            campaign_refresh_seconds=_int(env, "TRACKER_CAMPAIGN_REFRESH_SECONDS", 5, minimum=1),
             click_cache_ttl=_int(env, "TRACKER_CLICK_CACHE_TTL", 3600, minimum=60),
             unique_window=_int(env, "TRACKER_UNIQUE_WINDOW", 86_400, minimum=1),
             backlog_limit=_int(env, "TRACKER_BACKLOG_LIMIT", 1_000_000, minimum=1),
@@ -119,6 +134,14 @@ class Settings:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def admin_host(self) -> str:
+        return self.admin_listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.admin_listen.rpartition(":")[2])
 
     @property
     def base_url(self) -> str:

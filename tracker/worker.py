@@ -4,19 +4,20 @@ with SO_REUSEPORT beside its siblings."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 
 from aiohttp import web
 
-from .app import create_app
+from . import logs
+from .app import IN_FLIGHT_SECONDS, create_app
 from .fastpath import serving
 from .settings import Settings
 
 # The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
 # instead of aiohttp's plain-text 400.
 MAX_LINE = MAX_FIELD = 65536
-SHUTDOWN_TIMEOUT = 5.0
+# How long requests in flight may take to be answered once the worker leaves.
+SHUTDOWN_TIMEOUT = IN_FLIGHT_SECONDS
 
 
 def runner_for(app: web.Application) -> web.AppRunner:
@@ -25,8 +26,8 @@ def runner_for(app: web.Application) -> web.AppRunner:
                          max_field_size=MAX_FIELD)
 
 
-async def serve_worker(settings: Settings) -> None:
-    app = create_app(settings)
+async def serve_worker(settings: Settings, slot: int) -> None:
+    app = create_app(settings, slot=slot)
     runner = runner_for(app)
     await runner.setup()
     stop = asyncio.Event()
@@ -41,9 +42,8 @@ async def serve_worker(settings: Settings) -> None:
     await runner.cleanup()
 
 
-def run_worker(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+def run_worker(settings: Settings, slot: int) -> None:
+    logs.configure(settings.log_level)
     try:
         import uvloop
 
@@ -51,4 +51,4 @@ def run_worker(settings: Settings) -> None:
     except ImportError:  # pragma: no cover - uvloop is not built for every platform
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve_worker(settings))
+        runner.run(serve_worker(settings, slot))

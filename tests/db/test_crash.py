@@ -25,7 +25,7 @@ from tracker.ingest.buffer import Keys
 
 from tracker.settings import Settings
 
-from ..conftest import AUTH, BROWSER, Running, free_port
+from ..conftest import BROWSER, Running, Served
 from .test_writer import writer_for
 
 CLICKS = 2000
@@ -73,42 +73,6 @@ async def burst(base: str, slug: str, n: int, concurrency: int = 100,
 
         await asyncio.gather(*(one(i) for i in range(n)))
     return answered
-
-
-class Served:
-    """`tracker serve` as a subprocess on this session's servers, with one campaign made."""
-
-    def __init__(self, backing: tuple[str, str], data_dir: Path, slug: str, **env: str) -> None:
-        self.port = free_port()
-        self.prefix = f"p{uuid.uuid4().hex[:8]}:"
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.slug = slug
-        self.env = os.environ | {
-            "DATABASE_URL": backing[0], "REDIS_URL": backing[1], "TRACKER_API_TOKEN": "k",
-            "TRACKER_LISTEN": f"127.0.0.1:{self.port}", "TRACKER_DATA_DIR": str(data_dir),
-            "TRACKER_REDIS_PREFIX": self.prefix, "TRACKER_LOG_LEVEL": "WARNING",
-            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "3600",
-        } | env
-        self.proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=self.env)
-
-    async def ready(self) -> None:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.post(f"{self.base}/api/campaigns", headers={"Authorization": "Bearer k"},
-                                         json={"slug": self.slug,
-                                               "destination_url": "https://s.example/?cid={click_id}"}) as r:
-                        assert r.status == 201
-                        return
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-        raise AssertionError("tracker serve never answered")
-
-    async def close(self, redis: aioredis.Redis) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        await redis.delete(f"{self.prefix}events")  # the rest expires within the hour
 
 
 async def test_writer_cancelled_mid_batch_loses_and_doubles_nothing(

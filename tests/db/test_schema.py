@@ -29,13 +29,13 @@ async def test_migrate_applies_once_and_records_versions(backing: tuple[str, str
         first = subprocess.run([sys.executable, "-m", "tracker", "migrate"], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
         assert first.returncode == 0, first.stderr
-        assert "applied: 001_core.sql" in first.stdout
+        assert "applied: 001_core.sql, 002_money.sql" in first.stdout
         again = subprocess.run([sys.executable, "-m", "tracker", "migrate"], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "up to date" in again.stdout
         conn = await asyncpg.connect(url)
-        assert [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")] == \
-            ["001_core.sql"]
+        assert [r["name"] for r in await conn.fetch(
+            "SELECT name FROM schema_migrations ORDER BY version")] == ["001_core.sql", "002_money.sql"]
         await conn.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

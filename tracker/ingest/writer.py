@@ -9,11 +9,14 @@ them (XAUTOCLAIM) and the replay inserts nothing twice. Knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -60,8 +63,14 @@ return #ARGV - 1
 LINGER_FROM = 32
 
 
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+def consumer_name(data_dir: Path | None = None, slot: int = 0) -> str:
+    """The writer's name in the consumer group: stable across restarts of the same install
+    (host, data folder, worker slot), so a restarted worker finds its own pending batch at
+    once; without a data folder (tools, tests), a name of its own."""
+    if data_dir is None:
+        return f"{socket.gethostname()}:{os.getpid()}-{os.urandom(3).hex()}"
+    install = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}:{install}:{slot}"
 
 
 class BatchWriter:
@@ -83,6 +92,7 @@ class BatchWriter:
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Entry] = []
         self._ack_script = redis.register_script(ACK_AND_DELETE)
+        self._warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -94,21 +104,38 @@ class BatchWriter:
                 raise
 
     async def run(self) -> None:
-        """Write until stop(); then drain what is there for up to `drain_seconds`."""
-        backoff = 0.05
-        await self._until_ok(self.ensure_group)
-        # Our own pending entries (a restarted task with the same consumer name).
-        self._held = await self._until_ok(lambda: self._read("0"))
-        while not self._stopping.is_set():
-            try:
-                await self.step()
-                backoff = 0.05
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
-                self._note_failure(exc)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        """Write until stop(). Says it is alive all along, from a task of its own: a writer
+        that waits out a PostgreSQL outage holding a batch is busy, not dead."""
+        heartbeat = asyncio.create_task(self._heartbeat(), name="writer-heartbeat")
+        try:
+            await self._until_ok(self._alive)
+            await self._until_ok(self.ensure_group)
+            # Our own pending entries: what this slot read before it was killed.
+            self._held = await self._until_ok(lambda: self._read("0"))
+        except _Stopped:
+            heartbeat.cancel()
+            return
+        try:
+            backoff = 0.05
+            while not self._stopping.is_set():
+                try:
+                    await self.step()
+                    backoff = 0.05
+                    self._recovered()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
+                    self._note_failure(exc)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if not self._stopping.is_set():  # cancelled: the connection may be mid-batch
+                await self._close_conn()
+
+    async def close(self) -> None:
         await self._close_conn()
 
     def stop(self) -> None:
@@ -132,26 +159,17 @@ class BatchWriter:
         if now >= self._next_gauge:
             self._next_gauge = now + 1.0
             await self.update_backlog_gauge()
-        try:
-            if not self._held and now >= self._next_claim:
-                self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05)
-                self._held = await self.claim()
-            if not self._held:
-                self._held = await self._read(">", block=self.wait_ms if block else None)
-                if block and self.linger_ms and LINGER_FROM <= len(self._held) < self.batch_size:
-                    # Under load, wait a moment for a fuller batch: each transaction's fixed
-                    # cost (COPY set-up, planning, the commit's fsync) is shared by more
-                    # events. A trickle is written at once, so light load keeps its low lag.
-                    await asyncio.sleep(self.linger_ms / 1000)
-                    self._held += await self._read(">", count=self.batch_size - len(self._held))
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # Redis came back empty (restarted without its data): make the group again; the
-            # events arriving from now on (and the spool's replay) need it.
-            log.warning("the stream's consumer group is gone; creating it again")
-            await self.ensure_group()
-            return 0
+        if not self._held:
+            try:
+                self._held = await self._take(now, block)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # No group yet, or Redis came back empty (restarted without its data): make
+                # it; the events arriving from now on (and the spool's replay) need it.
+                log.warning("the stream's consumer group is missing; creating it")
+                await self.ensure_group()
+                self._held = await self._take(now, block)
         if not self._held:
             return 0
         batch = self._held
@@ -160,16 +178,69 @@ class BatchWriter:
         self._held = []
         return len(batch)
 
+    async def _take(self, now: float, block: bool) -> list[Entry]:
+        """The next batch: a gone writer's pending entries when it is time to look, else new
+        ones."""
+        if now >= self._next_claim:
+            self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05)
+            claimed = await self.claim()
+            if claimed:
+                return claimed
+        batch = await self._read(">", block=self.wait_ms if block else None)
+        if block and self.linger_ms and LINGER_FROM <= len(batch) < self.batch_size:
+            # Under load, wait a moment for a fuller batch: each transaction's fixed cost
+            # (COPY set-up, planning, the commit's fsync) is shared by more events. A trickle
+            # is written at once, so light load keeps its low lag.
+            await asyncio.sleep(self.linger_ms / 1000)
+            batch += await self._read(">", count=self.batch_size - len(batch))
+        return batch
+
     async def claim(self) -> list[Entry]:
-        """Entries another writer read and left pending for longer than claim_idle_ms."""
-        reply: Any = await self._redis.xautoclaim(
-            self._keys.stream, self._keys.group, self.consumer,
-            min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch_size)
-        entries = [(_s(i), f) for i, f in reply[1] if f] if reply else []
+        """The pending entries of writers that are gone (no heartbeat for claim_idle_ms), up to
+        a batch; consumers that are gone and hold nothing more are removed from the group. A
+        live writer's entries are never taken, however long it has held them."""
+        stream, group = self._keys.stream, self._keys.group
+        consumers = [c for c in await self._redis.xinfo_consumers(stream, group)
+                     if _s(c["name"]) != self.consumer]
+        if not consumers:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for consumer in consumers:
+                pipe.exists(self._keys.writer_alive(_s(consumer["name"])))
+            alive = await pipe.execute()
+        entries: list[Entry] = []
+        for consumer, is_alive in zip(consumers, alive):
+            if is_alive:
+                continue
+            name, pending = _s(consumer["name"]), int(consumer["pending"])
+            if pending and len(entries) < self.batch_size:
+                ids: list[Any] = [p["message_id"] for p in await self._redis.xpending_range(
+                    stream, group, min="-", max="+", count=self.batch_size - len(entries),
+                    consumername=name)]
+                # min_idle_time: of two writers claiming at once, only the first gets them.
+                claimed: Any = await self._redis.xclaim(
+                    stream, group, self.consumer, min_idle_time=self.claim_idle_ms,
+                    message_ids=ids)
+                entries += [(_s(i), f) for i, f in claimed if f]
+                pending -= len(ids)
+            if pending <= 0:
+                await self._redis.xgroup_delconsumer(stream, group, name)
         if entries:
             metrics.EVENTS_CLAIMED.inc(len(entries))
-            log.info("claimed %d pending events from stopped writers", len(entries))
+            log.info("claimed %d pending events from writers that are gone", len(entries))
         return entries
+
+    async def _alive(self) -> None:
+        await self._redis.set(self._keys.writer_alive(self.consumer), os.getpid(),
+                              px=self.claim_idle_ms)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.claim_idle_ms / 4000)
+            try:
+                await self._alive()
+            except Exception as exc:  # noqa: BLE001 - Redis away: nothing to claim from us then
+                self._note_failure(exc, count=False)
 
     async def _read(self, start: str, block: int | None = None,
                     count: int | None = None) -> list[Entry]:
@@ -265,11 +336,22 @@ class BatchWriter:
         metrics.BACKLOG.set(length)
         metrics.BACKLOG_AGE.set(age)
 
-    def _note_failure(self, exc: BaseException) -> None:
-        metrics.BATCH_FAILURES.inc()
+    def _note_failure(self, exc: BaseException, count: bool = True) -> None:
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
-        metrics.BACKEND_ERRORS.labels(backend).inc()
-        log.warning("batch writer: %s error, will retry: %s: %s", backend, type(exc).__name__, exc)
+        if count:
+            metrics.BATCH_FAILURES.inc()
+            metrics.BACKEND_ERRORS.labels(backend).inc()
+        # Once per kind of failure until the writer succeeds again: an outage is one line
+        # (tracker_batch_failures_total counts every retry).
+        cause = f"{backend}:{type(exc).__name__}"
+        if cause not in self._warned:
+            self._warned.add(cause)
+            log.warning("batch writer: %s error, will retry: %s: %s", backend, type(exc).__name__, exc)
+
+    def _recovered(self) -> None:
+        if self._warned:
+            self._warned.clear()
+            log.info("batch writer: writing again")
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -285,9 +367,15 @@ class BatchWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
+                if self._stopping.is_set():
+                    raise _Stopped from exc
                 self._note_failure(exc)
-                await asyncio.sleep(backoff)
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+class _Stopped(Exception):
+    """stop() was called while the writer still waited for Redis to start."""
 
 
 def _s(value: bytes | str) -> str:

@@ -16,9 +16,15 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+# A server that does not answer a connection attempt (down, firewalled) costs this long.
+CONNECT_TIMEOUT = 5.0
+
+
+async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
+    """A pool that connects on first use, not at creation: a worker starts, and serves
+    redirects, while PostgreSQL is away."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=init_connection,
+        dsn, min_size=0, max_size=max_size, init=init_connection, timeout=CONNECT_TIMEOUT,
         # Reports and lookups may wait this long; beyond it a request gets a clean 503.
         command_timeout=30,
     )
@@ -33,6 +39,7 @@ async def ping(pool: asyncpg.Pool) -> None:
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    kwargs.setdefault("timeout", CONNECT_TIMEOUT)
     conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
     await init_connection(conn)
     return conn
