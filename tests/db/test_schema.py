@@ -11,6 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from tracker.storage.migrations import migration_files
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,8 +36,9 @@ async def test_migrate_applies_once_and_records_versions(backing: tuple[str, str
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "up to date" in again.stdout
         conn = await asyncpg.connect(url)
-        assert [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")] == \
-            ["001_core.sql"]
+        assert [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations "
+                                                   "ORDER BY version")] == \
+            [path.name for _, path in migration_files()]
         await conn.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -51,7 +54,7 @@ async def test_bad_settings_stop_the_service_with_a_clear_message() -> None:
 
 
 async def test_retention_drops_whole_old_partitions_and_keeps_rollups(pg: asyncpg.Connection) -> None:
-    await pg.execute("SELECT tracker_ensure_partitions(2, 7)")
+    await pg.execute("SELECT tracker_create_partition('clicks', (now() AT TIME ZONE 'UTC')::date)")
     await pg.execute("CREATE TABLE clicks_20200101 PARTITION OF clicks "
                      "FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00')")
     await pg.execute("INSERT INTO rollup_15m (bucket, campaign_id, clicks) "
