@@ -5,7 +5,8 @@
 -- range rows of DEFAULT already occupy) failed all of them, every hour and at every start.
 -- Now the service calls tracker_create_partition() once per table and day, each in its own
 -- transaction, and moves a day's DEFAULT rows into the new partition as it creates it.
--- One advisory lock keeps workers on several hosts from racing on one CREATE.
+-- Creation, retention drops and DEFAULT pruning all take the same advisory lock, so workers
+-- on several hosts never race on one CREATE or DROP.
 
 DROP FUNCTION tracker_ensure_partitions(int, int);
 
@@ -53,5 +54,49 @@ BEGIN
         DROP TABLE tracker_moving;
     END IF;
     RETURN moved;
+END
+$$;
+
+-- Drops whole daily partitions older than `keep_days` (rollups stay: reports outlive raw
+-- rows). Now under the creation lock, so a drop never meets a CREATE of the same parent.
+CREATE OR REPLACE FUNCTION tracker_drop_partitions(keep_days int) RETURNS int
+LANGUAGE plpgsql SET lock_timeout = '5s' AS $$
+DECLARE
+    r record;
+    dropped int := 0;
+    cutoff text := to_char((now() AT TIME ZONE 'UTC')::date - keep_days, 'YYYYMMDD');
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('tracker_partitions'));
+    FOR r IN
+        SELECT c.relname FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        JOIN pg_class p ON p.oid = i.inhparent
+        WHERE p.relname IN ('clicks', 'impressions')
+          AND c.relname ~ '_[0-9]{8}$'
+          AND right(c.relname, 8) < cutoff
+    LOOP
+        EXECUTE format('DROP TABLE %I', r.relname);
+        dropped := dropped + 1;
+    END LOOP;
+    RETURN dropped;
+END
+$$;
+
+-- Retention for what no daily partition holds: rows of DEFAULT older than `keep_days` (the
+-- same cutoff as the drops: before the UTC day `keep_days` ago). Returns the rows deleted.
+CREATE FUNCTION tracker_prune_default(keep_days int) RETURNS bigint
+LANGUAGE plpgsql SET lock_timeout = '5s' AS $$
+DECLARE
+    cutoff timestamptz := ((now() AT TIME ZONE 'UTC')::date - keep_days)::timestamp AT TIME ZONE 'UTC';
+    n bigint;
+    total bigint := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('tracker_partitions'));
+    DELETE FROM clicks_default WHERE ts < cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+    DELETE FROM impressions_default WHERE ts < cutoff;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN total + n;
 END
 $$;

@@ -116,10 +116,12 @@ class PartitionUpkeep:
                      name, moved, table)
 
     async def _retention(self, conn: asyncpg.Connection) -> None:
+        # Two steps, two transactions: a drop that fails does not keep DEFAULT from pruning.
         dropped = await self._retention_step(conn, partitions.drop_partitions, "partition drop")
-        if dropped:
-            log.info("retention: dropped %d partitions older than %d days",
-                     dropped, self._retention_days)
+        deleted = await self._retention_step(conn, partitions.prune_default, "DEFAULT pruning")
+        if dropped or deleted:
+            log.info("retention: dropped %d partitions and %d DEFAULT rows older than %d days",
+                     dropped, deleted, self._retention_days)
 
     async def _retention_step(self, conn: asyncpg.Connection,
                               step: Callable[[asyncpg.Connection, int], Awaitable[int]],

@@ -1,5 +1,5 @@
-"""Daily partitions of the event tables: made one table and day at a time
-(sql/003_partitions.sql), dropped by retention. Each call is one statement, so one transaction: a day that
+"""Daily partitions of the event tables: made one table and day at a time, dropped by
+retention (sql/003_partitions.sql). Each call is one statement, so one transaction: a day that
 cannot be made does not stop the others."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ TABLES = ("clicks", "impressions")
 
 CREATE_PARTITION = "SELECT tracker_create_partition($1, $2)"
 DROP_PARTITIONS = "SELECT tracker_drop_partitions($1)"
+PRUNE_DEFAULT = "SELECT tracker_prune_default($1)"
 
 
 def partition_name(table: str, day: date) -> str:
@@ -32,3 +33,8 @@ async def drop_partitions(conn: asyncpg.Connection | asyncpg.Pool, keep_days: in
     dropped: int = await conn.fetchval(DROP_PARTITIONS, keep_days)
     return dropped
 
+
+async def prune_default(conn: asyncpg.Connection | asyncpg.Pool, keep_days: int) -> int:
+    """Delete DEFAULT partitions' rows older than `keep_days`; return how many."""
+    deleted: int = await conn.fetchval(PRUNE_DEFAULT, keep_days)
+    return deleted
