@@ -6,8 +6,9 @@ line per event) and holds an exclusive flock on it while it does. Writes reach t
 at once and the disk at the next fsync, at most FSYNC_EVERY later (as Redis's
 `appendfsync everysec`). When Redis answers again, a worker closes its own file (releasing the
 lock) and replays every spool file whose lock it can take, its own and those of workers that
-died, through the same buffer calls the hot path makes, then deletes the file. A replay cut
-short is simply replayed again: event ids are fixed, so PostgreSQL keeps each event once.
+died, through the same buffer calls the hot path makes, REPLAY_CHUNK lines at a time (a file
+holds whatever a long outage brought: it is never read whole), then deletes the file. A replay
+cut short is simply replayed again: event ids are fixed, so PostgreSQL keeps each event once.
 Uniqueness is decided at replay time, by the same script as ever.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -140,20 +142,21 @@ class Spool:
                 return 0  # a live worker writes or replays it
             if not path.exists():
                 return 0
+            replayed = 0
             with os.fdopen(os.dup(fd), "rb") as source:
-                lines = source.read().splitlines()
-            records = []
-            for line in lines:
-                try:
-                    records.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    # A line cut short by a crash mid-write: nothing was answered for it.
-                    log.warning("skipping a torn line in %s", path.name)
-            for i in range(0, len(records), REPLAY_CHUNK):
-                await asyncio.gather(*(self._replay_one(r) for r in records[i:i + REPLAY_CHUNK]))
+                while lines := list(itertools.islice(source, REPLAY_CHUNK)):
+                    records = []
+                    for line in lines:
+                        try:
+                            records.append(orjson.loads(line))
+                        except orjson.JSONDecodeError:
+                            # A line cut short by a crash mid-write: nothing was answered for it.
+                            log.warning("skipping a torn line in %s", path.name)
+                    await asyncio.gather(*(self._replay_one(r) for r in records))
+                    replayed += len(records)
             path.unlink()
-            metrics.SPOOL.labels("replayed").inc(len(records))
-            return len(records)
+            metrics.SPOOL.labels("replayed").inc(replayed)
+            return replayed
         finally:
             os.close(fd)
 
