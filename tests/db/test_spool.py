@@ -1,10 +1,14 @@
 """Spool files left behind (a worker died while Redis was away) are replayed by whichever
 worker starts next; a line torn by the crash is skipped, the rest kept. A big file is
-streamed, and a replay cut short is replayed whole."""
+streamed, a replay cut short is replayed whole, and fsync never runs on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import os
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,7 +26,7 @@ from tracker.ingest.spool import REPLAY_CHUNK, Spool
 from tracker.settings import Settings
 
 from ..api.test_reports import click, impression
-from ..conftest import eventually, start
+from ..conftest import eventually, free_port, start
 
 
 async def test_a_dead_workers_spool_is_replayed(settings: Settings, pg: asyncpg.Connection) -> None:
@@ -144,3 +148,49 @@ async def test_a_replay_cut_short_keeps_the_file_and_is_replayed_whole(settings:
     assert not list(folder.iterdir())
     sent = await stream_ids(settings)
     assert sorted(set(sent)) == sorted(ids)  # all of them; the first ones twice (PG keeps one)
+
+
+async def test_fsync_runs_off_the_event_loop_and_stop_waits_for_it(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    threads: list[int] = []
+    finished: list[int] = []
+    syncing, disk_done = threading.Event(), threading.Event()
+
+    def observed_fsync(fd: int) -> None:
+        threads.append(threading.get_ident())
+        syncing.set()
+        if len(threads) == 1:
+            disk_done.wait(10)  # a slow disk: the first fsync lasts until the test says
+        real_fsync(fd)
+        finished.append(fd)
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    folder = tmp_path / "spool"
+    # Redis is away (nothing listens there): the spool keeps its file and syncs it.
+    async with redis_at(f"redis://127.0.0.1:{free_port()}/0") as away:
+        spool = Spool(folder, buffer_of(away, settings))
+        spool.start()
+        try:
+            spool.append_event(impression(1, datetime.now(UTC)))
+
+            async def is_syncing() -> bool:
+                return syncing.is_set()
+
+            assert await eventually(is_syncing)
+            spool.append_event(impression(1, datetime.now(UTC)))  # while the first fsync runs
+            stopping = asyncio.create_task(spool.stop())
+            await asyncio.sleep(0.3)
+            assert not stopping.done()  # it waits for the fsync under way...
+            disk_done.set()
+            await stopping
+        finally:
+            disk_done.set()
+            await spool.stop()  # (a no-op once stopped)
+
+    assert threads and threading.get_ident() not in threads  # never on the event loop
+    assert len(finished) == len(threads) >= 2  # ...then syncs the line that came meanwhile
+    (path,) = folder.glob("*.spool")
+    assert len(path.read_bytes().splitlines()) == 2
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and closes the file: its lock is free
