@@ -32,6 +32,11 @@ RETRY_MAX = 60.0
 GONE = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
         asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
 UNREACHABLE = GONE + (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)
+# What fails one step (one table and day, one retention step) and no other: an error
+# PostgreSQL answered with, or a statement past the pool's command timeout (a day with very
+# many DEFAULT rows to move), which asyncpg cancels on the server. Retrying that one at once,
+# with backoff, would hold the parent's lock again and again: it waits for the next pass.
+STEP_FAILED = (asyncpg.PostgresError, asyncio.TimeoutError)
 
 
 class PartitionUpkeep:
@@ -99,7 +104,7 @@ class PartitionUpkeep:
         name = partitions.partition_name(table, day)
         try:
             moved = await partitions.create_partition(conn, table, day)
-        except asyncpg.PostgresError as exc:
+        except STEP_FAILED as exc:
             if isinstance(exc, GONE):
                 raise
             metrics.BACKEND_ERRORS.labels("postgres").inc()
@@ -128,7 +133,7 @@ class PartitionUpkeep:
                               what: str) -> int:
         try:
             return await step(conn, self._retention_days)
-        except asyncpg.PostgresError as exc:
+        except STEP_FAILED as exc:
             if isinstance(exc, GONE):
                 raise
             metrics.BACKEND_ERRORS.labels("postgres").inc()

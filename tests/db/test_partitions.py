@@ -3,6 +3,7 @@ and nothing about upkeep keeps a worker from starting."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -118,3 +119,28 @@ async def test_upkeep_retries_while_postgres_is_unreachable(settings: Settings,
     finally:
         await upkeep.stop()
         await pool.close()
+
+
+async def test_workers_making_the_same_days_at_once_never_collide(settings: Settings,
+                                                                  pg: asyncpg.Connection) -> None:
+    """Several workers (hosts) start together: the one advisory lock lets one CREATE each."""
+    today = datetime.now(UTC).date()
+    days = [today + timedelta(days=n) for n in range(15, 21)]
+    for day in days:
+        await pg.execute(f"DROP TABLE IF EXISTS clicks_{day:%Y%m%d}, impressions_{day:%Y%m%d}")
+    blocked = click(1, noon(days[-1]))
+    event_id, ts = decode_id(blocked["id"])
+    await pg.execute("INSERT INTO clicks (id, ts, campaign_id, visitor_id, is_unique, is_bot, "
+                     "destination) VALUES ($1, $2, 1, 'v', true, false, 'https://shop.example/')",
+                     event_id, ts)
+    pool = await db.create_pool(settings.database_url, max_size=4)
+    errors = postgres_errors()
+    try:
+        await asyncio.gather(*(PartitionUpkeep(pool, days_ahead=20, retention_days=0).run_once()
+                               for _ in range(4)))
+    finally:
+        await pool.close()
+    assert postgres_errors() == errors
+    for day in days:
+        assert await pg.fetchval(f"SELECT to_regclass('impressions_{day:%Y%m%d}')")
+    assert await where(pg, "clicks", blocked) == [(f"clicks_{days[-1]:%Y%m%d}", 1)]
