@@ -14,7 +14,6 @@ stay under the supervisor's 10 s before it kills a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from . import metrics, routes
+from . import routes
 from .campaign_cache import CampaignCache
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.spool import Spool
@@ -30,11 +29,11 @@ from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
 from .keys import (BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER,
-                   WORKER_SLOT, WRITER)
+                   UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
 from .settings import Settings
 from .storage import db
-from .storage import events as event_store
+from .upkeep import PartitionUpkeep
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ DRAIN_SECONDS = 3.0
 CLOSE_SECONDS = 1.0
 REDIS_CONNECTIONS = 256
 REDIS_WAIT_SECONDS = 2.0
-PARTITION_UPKEEP_EVERY = 3600.0
 
 
 async def postgres(app: web.Application) -> AsyncIterator[None]:
@@ -99,31 +97,13 @@ async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
 
 
 async def partitions(app: web.Application) -> AsyncIterator[None]:
+    # In the background: a worker starts and answers whatever upkeep meets (see upkeep.py).
     settings = app[SETTINGS]
-
-    async def upkeep() -> None:
-        await event_store.ensure_partitions(app[PG], settings.partition_days_ahead)
-        if settings.retention_days:
-            dropped = await event_store.drop_partitions(app[PG], settings.retention_days)
-            if dropped:
-                log.info("dropped %d partitions past retention", dropped)
-
-    async def loop() -> None:
-        while True:
-            try:
-                await upkeep()
-                delay = PARTITION_UPKEEP_EVERY
-            except Exception as exc:  # noqa: BLE001 - retried soon; days ahead exist
-                metrics.BACKEND_ERRORS.labels("postgres").inc()
-                log.warning("partition upkeep failed: %r", exc)
-                delay = 5.0
-            await asyncio.sleep(delay)
-
-    task = asyncio.create_task(loop(), name="partition-upkeep")
+    app[UPKEEP] = upkeep = PartitionUpkeep(app[PG], days_ahead=settings.partition_days_ahead,
+                                           retention_days=settings.retention_days)
+    upkeep.start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await upkeep.stop()
 
 
 async def batch_writer(app: web.Application) -> AsyncIterator[None]:

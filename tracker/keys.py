@@ -11,6 +11,7 @@ from .ingest.buffer import EventBuffer, Keys
 from .ingest.track import RequestTracker
 from .ingest.writer import BatchWriter
 from .settings import Settings
+from .upkeep import PartitionUpkeep
 
 SETTINGS = web.AppKey("settings", Settings)
 PG = web.AppKey("pg", asyncpg.Pool)
@@ -20,6 +21,7 @@ CAMPAIGNS = web.AppKey("campaigns", CampaignCache)
 BUFFER = web.AppKey("buffer", EventBuffer)
 TRACKER = web.AppKey("tracker", RequestTracker)
 WRITER = web.AppKey("writer", BatchWriter)
+UPKEEP = web.AppKey("upkeep", PartitionUpkeep)
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)
 # Which of the supervisor's workers this is (0 .. TRACKER_WORKERS-1).

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -25,7 +25,7 @@ from tracker.embedded import servers
 from tracker.ids import new_id
 from tracker.ingest.buffer import Keys
 from tracker.ingest.writer import BatchWriter
-from tracker.storage import db
+from tracker.storage import db, partitions
 from tracker.storage import events as store
 from tracker.storage.migrations import migrate
 
@@ -45,7 +45,10 @@ async def run(args: argparse.Namespace) -> None:
     with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as (db_url, redis_url):
         await migrate(db_url)
         conn = await db.connect(db_url)
-        await store.ensure_partitions(conn, 2)
+        today = datetime.now(UTC).date()
+        for table in partitions.TABLES:  # the events span the last minute: today, maybe yesterday
+            for day in (today - timedelta(days=1), today):
+                await partitions.create_partition(conn, table, day)
         redis = aioredis.Redis.from_url(redis_url)
         keys = Keys(f"w{uuid.uuid4().hex[:8]}:")
         events = synthetic(args.events)

@@ -4,18 +4,21 @@ costs neither the visitor's redirect nor the event.
 Each worker appends to a file of its own (`<data_dir>/spool/<pid>-<random>.spool`, one JSON
 line per event) and holds an exclusive flock on it while it does. Writes reach the page cache
 at once and the disk at the next fsync, at most FSYNC_EVERY later (as Redis's
-`appendfsync everysec`). When Redis answers again, a worker closes its own file (releasing the
-lock) and replays every spool file whose lock it can take, its own and those of workers that
-died, through the same buffer calls the hot path makes, then deletes the file. A replay cut
-short is simply replayed again: event ids are fixed, so PostgreSQL keeps each event once.
-Uniqueness is decided at replay time, by the same script as ever.
+`appendfsync everysec`). The fsync runs in a thread: it can take long on a busy disk, and it
+happens during the very outage the spool is for, when the event loop must keep answering.
+When Redis answers again, a worker closes its own file (releasing the lock) and replays every
+spool file whose lock it can take, its own and those of workers that died, through the same
+buffer calls the hot path makes, REPLAY_CHUNK lines at a time (a file holds whatever a long
+outage brought: it is never read whole), then deletes the file. A replay cut short is simply
+replayed again: event ids are fixed, so PostgreSQL keeps each event once. Uniqueness is
+decided at replay time, by the same script as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -41,6 +44,10 @@ class Spool:
         self._fd: int | None = None
         self._path: Path | None = None
         self._dirty = False
+        # Held while a thread fsyncs the file and while it is closed: a close waits for a
+        # running fsync, so a file is handed to a replay (or left at stop) only once synced.
+        self._file_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- writing (the hot path, when Redis failed) ---------------------------------------------
@@ -68,17 +75,29 @@ class Spool:
         self._dirty = True
         metrics.SPOOL.labels("written").inc()
 
-    def _sync(self) -> None:
-        if self._fd is not None and self._dirty:
-            os.fsync(self._fd)
-            self._dirty = False
+    async def _sync(self) -> None:
+        async with self._file_lock:
+            await self._sync_locked()
 
-    def _close_own(self) -> None:
+    async def _sync_locked(self) -> None:
+        if self._fd is not None and self._dirty:
+            # Cleared first: a line appended while the thread syncs marks the file again.
+            self._dirty = False
+            try:
+                await asyncio.to_thread(_fsync_own, os.dup(self._fd))
+            except BaseException:
+                self._dirty = True
+                raise
+
+    async def _close_own(self) -> None:
         """Finish the current file (synced, unlocked) so that a replay can take it."""
-        if self._fd is not None:
-            self._sync()
-            os.close(self._fd)  # releases the flock
-            self._fd = None
+        async with self._file_lock:
+            while self._fd is not None and self._dirty:
+                await self._sync_locked()
+            # No await from the last check to the close: nothing can be appended unsynced.
+            if self._fd is not None:
+                os.close(self._fd)  # releases the flock
+                self._fd = None
 
     # -- the background task -------------------------------------------------------------------
 
@@ -86,19 +105,25 @@ class Spool:
         self._task = asyncio.create_task(self._run(), name="spool")
 
     async def stop(self) -> None:
+        """Let the task finish what it does (an fsync, a replay's current chunk), then sync and
+        close the file: a later start replays what it holds."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._close_own()
+            await self._task
+            self._task = None
+        await self._close_own()
 
     async def _run(self) -> None:
         next_replay = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(FSYNC_EVERY)
             try:
-                self._sync()
+                await asyncio.wait_for(self._stopping.wait(), FSYNC_EVERY)
+                return  # stop() syncs and closes the file once this task is done
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self._sync()
             except OSError as exc:
                 log.error("spool fsync failed: %r", exc)
             if loop.time() >= next_replay:
@@ -119,7 +144,7 @@ class Spool:
             return 0
         await self._buffer.ping()  # raises while Redis is still away
         if self._fd is not None:
-            self._close_own()
+            await self._close_own()
             files = sorted(self.folder.glob("*.spool"))
         replayed = 0
         for path in files:
@@ -140,20 +165,23 @@ class Spool:
                 return 0  # a live worker writes or replays it
             if not path.exists():
                 return 0
+            replayed = 0
             with os.fdopen(os.dup(fd), "rb") as source:
-                lines = source.read().splitlines()
-            records = []
-            for line in lines:
-                try:
-                    records.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    # A line cut short by a crash mid-write: nothing was answered for it.
-                    log.warning("skipping a torn line in %s", path.name)
-            for i in range(0, len(records), REPLAY_CHUNK):
-                await asyncio.gather(*(self._replay_one(r) for r in records[i:i + REPLAY_CHUNK]))
+                while lines := list(itertools.islice(source, REPLAY_CHUNK)):
+                    if self._stopping.is_set():
+                        return 0  # the file stays: whoever starts next replays it whole
+                    records = []
+                    for line in lines:
+                        try:
+                            records.append(orjson.loads(line))
+                        except orjson.JSONDecodeError:
+                            # A line cut short by a crash mid-write: nothing was answered for it.
+                            log.warning("skipping a torn line in %s", path.name)
+                    await asyncio.gather(*(self._replay_one(r) for r in records))
+                    replayed += len(records)
             path.unlink()
-            metrics.SPOOL.labels("replayed").inc(len(records))
-            return len(records)
+            metrics.SPOOL.labels("replayed").inc(replayed)
+            return replayed
         finally:
             os.close(fd)
 
@@ -162,3 +190,13 @@ class Spool:
             await self._buffer.record_click(record["event"], record["visitor"], record["bot"])
         else:
             await self._buffer.record(record["event"])
+
+
+def _fsync_own(fd: int) -> None:
+    """fsync in a thread, on a descriptor of its own that only it closes: even if the task
+    awaiting it is cancelled and the spool's descriptor closed meanwhile, the thread never
+    syncs a closed descriptor, nor one whose number was handed to another file."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

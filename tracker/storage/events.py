@@ -88,8 +88,6 @@ SELECT (SELECT count(*) FROM new_clicks), (SELECT count(*) FROM new_impressions)
 """
 
 INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream_id, payload, error) VALUES ($1, $2, $3)"
-ENSURE_PARTITIONS = "SELECT tracker_ensure_partitions($1, $2)"
-DROP_PARTITIONS = "SELECT tracker_drop_partitions($1)"
 
 
 class BadEvent(ValueError):
@@ -197,12 +195,3 @@ async def write(conn: asyncpg.Connection, clicks: Sequence[tuple[Any, ...]],
 
 async def dead_letter(conn: asyncpg.Connection, stream_id: str, payload: str, error: str) -> None:
     await conn.execute(INSERT_DEAD_LETTER, stream_id, payload, error[:2000])
-
-
-async def ensure_partitions(conn: asyncpg.Connection | asyncpg.Pool, days_ahead: int) -> None:
-    await conn.execute(ENSURE_PARTITIONS, 2, days_ahead)
-
-
-async def drop_partitions(conn: asyncpg.Connection | asyncpg.Pool, keep_days: int) -> int:
-    dropped: int = await conn.fetchval(DROP_PARTITIONS, keep_days)
-    return dropped

@@ -1,0 +1,142 @@
+"""Partition upkeep: every worker keeps the daily partitions made ahead and applies retention,
+in a background task of its own: at once, then hourly.
+
+Upkeep never holds a worker back nor stops it: a worker answers redirects whether or not
+PostgreSQL is there, and the days ahead exist long before they are needed. While PostgreSQL
+does not answer, a pass is retried with capped backoff. A table and day that PostgreSQL
+refuses is logged once, counted in tracker_backend_errors_total{backend="postgres"} each
+time, and tried again at the next pass; the other days are made all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from . import metrics
+from .storage import partitions
+
+log = logging.getLogger(__name__)
+
+EVERY = 3600.0
+DAYS_BACK = 2
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+
+# PostgreSQL going or gone: the pass is retried with backoff rather than blamed on one day.
+GONE = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
+UNREACHABLE = GONE + (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)
+# What fails one step (one table and day, one retention step) and no other: an error
+# PostgreSQL answered with, or a statement past the pool's command timeout (a day with very
+# many DEFAULT rows to move), which asyncpg cancels on the server. Retrying that one at once,
+# with backoff, would hold the parent's lock again and again: it waits for the next pass.
+STEP_FAILED = (asyncpg.PostgresError, asyncio.TimeoutError)
+
+
+class PartitionUpkeep:
+    def __init__(self, pool: asyncpg.Pool, *, days_ahead: int, retention_days: int,
+                 every: float = EVERY, retry_first: float = RETRY_FIRST,
+                 retry_max: float = RETRY_MAX) -> None:
+        self._pool = pool
+        self._days_ahead = days_ahead
+        self._retention_days = retention_days
+        self._every = every
+        self._retry_first = retry_first
+        self._retry_max = retry_max
+        # Never make a day that retention would drop at once.
+        self._days_back = min(DAYS_BACK, retention_days) if retention_days else DAYS_BACK
+        # Tables and days that failed and were logged: a day that keeps failing is logged once.
+        self._failed: set[tuple[str, date]] = set()
+        self._task: asyncio.Task[None] | None = None
+        # The UTC day the last complete pass counted from (None until one completes).
+        self.last_pass: date | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="partition-upkeep")
+
+    async def stop(self) -> None:
+        # Cancelling mid-statement is safe: each step is one transaction, rolled back.
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        retry = self._retry_first
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - upkeep must outlive any one failure
+                metrics.BACKEND_ERRORS.labels("postgres").inc()
+                if not isinstance(exc, UNREACHABLE):
+                    log.exception("partition upkeep failed; retrying in %.0f s", retry)
+                elif retry == self._retry_first:  # once per outage, not once per try
+                    log.warning("partition upkeep: PostgreSQL unreachable (%s: %s); retrying "
+                                "with backoff", type(exc).__name__, exc)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, self._retry_max)
+                continue
+            retry = self._retry_first
+            await asyncio.sleep(self._every)
+
+    async def run_once(self, today: date | None = None) -> None:
+        """One pass: every table and day from DAYS_BACK ago to days_ahead ahead, then
+        retention. Raises only when PostgreSQL cannot be reached."""
+        today = today or datetime.now(UTC).date()
+        async with self._pool.acquire() as conn:
+            for table in partitions.TABLES:
+                for offset in range(-self._days_back, self._days_ahead + 1):
+                    await self._create(conn, table, today + timedelta(days=offset))
+            if self._retention_days:
+                await self._retention(conn)
+        oldest = today - timedelta(days=self._days_back)
+        self._failed = {(t, d) for t, d in self._failed if d >= oldest}
+        self.last_pass = today
+
+    async def _create(self, conn: asyncpg.Connection, table: str, day: date) -> None:
+        name = partitions.partition_name(table, day)
+        try:
+            moved = await partitions.create_partition(conn, table, day)
+        except STEP_FAILED as exc:
+            if isinstance(exc, GONE):
+                raise
+            metrics.BACKEND_ERRORS.labels("postgres").inc()
+            if (table, day) not in self._failed:
+                self._failed.add((table, day))
+                log.warning("could not create partition %s (tried again each upkeep, logged "
+                            "once): %s: %s", name, type(exc).__name__, exc)
+            return
+        if (table, day) in self._failed:
+            self._failed.discard((table, day))
+            log.info("partition %s is there now", name)
+        if moved is not None:
+            log.info("created partition %s (took %d rows over from %s_default)",
+                     name, moved, table)
+
+    async def _retention(self, conn: asyncpg.Connection) -> None:
+        # Two steps, two transactions: a drop that fails does not keep DEFAULT from pruning.
+        dropped = await self._retention_step(conn, partitions.drop_partitions, "partition drop")
+        deleted = await self._retention_step(conn, partitions.prune_default, "DEFAULT pruning")
+        if dropped or deleted:
+            log.info("retention: dropped %d partitions and %d DEFAULT rows older than %d days",
+                     dropped, deleted, self._retention_days)
+
+    async def _retention_step(self, conn: asyncpg.Connection,
+                              step: Callable[[asyncpg.Connection, int], Awaitable[int]],
+                              what: str) -> int:
+        try:
+            return await step(conn, self._retention_days)
+        except STEP_FAILED as exc:
+            if isinstance(exc, GONE):
+                raise
+            metrics.BACKEND_ERRORS.labels("postgres").inc()
+            log.warning("%s failed (tried again next upkeep): %s: %s",
+                        what, type(exc).__name__, exc)
+            return 0
