@@ -37,7 +37,7 @@ from tracker.keys import WRITER
 from tracker.settings import Settings
 from tracker.storage.migrations import migrate
 from tracker.fastpath import FastServer
-from tracker.worker import SHUTDOWN_TIMEOUT, runner_for
+from tracker.worker import listening, runner_for
 
 # Every process this session starts inherits the mark, even one that daemonizes or runs as
 # another user (pgserver's PostgreSQL): that is how a server a test left running is found.
@@ -258,13 +258,14 @@ BROWSER = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML,
 
 class Runner:
     """A worker's servers as tracker.worker runs them: the fast path listening, aiohttp
-    behind it for the connections it hands over."""
+    behind it for the connections it hands over (and on the admin address, if set)."""
 
-    def __init__(self, app: web.Application, runner: web.AppRunner, fast: FastServer) -> None:
-        self.app, self.runner, self.fast = app, runner, fast
+    def __init__(self, app: web.Application, runner: web.AppRunner, fast: FastServer,
+                 sockets: contextlib.AsyncExitStack) -> None:
+        self.app, self.runner, self.fast, self._sockets = app, runner, fast, sockets
 
     async def cleanup(self) -> None:
-        await self.fast.stop(SHUTDOWN_TIMEOUT)
+        await self._sockets.aclose()
         await self.runner.cleanup()
 
 
@@ -277,15 +278,15 @@ async def start(settings: Settings, *, run_writer: bool = True) -> tuple[Runner,
     app = create_app(settings, run_writer=run_writer, slot=next(_slots))
     runner = runner_for(app)
     await runner.setup()
-    fast = FastServer(app, runner)
-    await fast.start(settings.host, settings.port)
+    sockets = contextlib.AsyncExitStack()
+    fast = await sockets.enter_async_context(listening(app, runner, settings))
     http = aiohttp.ClientSession(
         headers={"User-Agent": BROWSER}, cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=200))
     track = aiohttp.ClientSession(
         headers={"User-Agent": BROWSER}, cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=200))
-    return Runner(app, runner, fast), Running(app, f"http://{settings.listen}", http, settings, track)
+    return Runner(app, runner, fast, sockets), Running(app, f"http://{settings.listen}", http, settings, track)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

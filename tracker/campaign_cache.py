@@ -185,12 +185,14 @@ class CampaignCache:
             await asyncio.sleep(delay if self._version is None else self._refresh_seconds)
             try:
                 await self.refresh()
+                metrics.BACKEND_UP.labels("postgres").set(1)
                 self._recovered("postgres")
                 delay = 0.5
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep serving what we have
                 metrics.BACKEND_ERRORS.labels("postgres").inc()
+                metrics.BACKEND_UP.labels("postgres").set(0)
                 self._warn("postgres", exc)
                 delay = min(delay * 2, RETRY_CAP_SECONDS)
 

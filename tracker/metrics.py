@@ -76,6 +76,18 @@ POSTBACKS = Counter(
 BACKEND_ERRORS = Counter(
     "tracker_backend_errors_total", "Errors talking to PostgreSQL or Redis", ["backend"]
 )
+BACKEND_UP = Gauge(
+    "tracker_backend_up", "1 while every worker reaches the backend, 0 while one does not",
+    ["backend"], multiprocess_mode="livemin",
+)
+DEAD_LETTERS = Counter(
+    "tracker_dead_letters_total", "Events PostgreSQL refused for their values, kept in dead_letters"
+)
+WRITE_LAG = Histogram(
+    "tracker_write_lag_seconds",
+    "Per batch: from the oldest event's answer (its entry in the stream) to its commit",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
 
 
 class DropReason(StrEnum):

@@ -12,6 +12,8 @@ from aiohttp.typedefs import Handler
 from . import metrics
 from .errors import HTTP_CODES, ApiError, error_body, error_response
 from .handlers.common import require_token
+from .keys import SETTINGS
+from .routes import ADMIN_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
         if any(len(value) > MAX_HEADER for _, value in request.raw_headers):
             raise ApiError(431, "headers_too_large", f"a header must be at most {MAX_HEADER} bytes")
+        admin_port = request.app[SETTINGS].admin_port if request.app[SETTINGS].admin_listen else 0
+        if admin_port and (request.path in ADMIN_PATHS) != (_local_port(request) == admin_port):
+            # Metrics and health on the admin address only, and nothing else there.
+            raise ApiError(404, "not_found", "no such resource here")
         if request.path.startswith(OPERATOR_API):
             # Before routing: without a valid token, every /api/ path answers 401, even one
             # that does not exist, so the API's shape is not probed for free.
@@ -54,3 +60,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics.HTTP_REQUESTS.labels(label, request.method, status).inc()
     metrics.HTTP_LATENCY.labels(label, status).observe(time.perf_counter() - started)
     return response
+
+
+def _local_port(request: web.Request) -> int:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return int(sockname[1]) if isinstance(sockname, tuple) else 0

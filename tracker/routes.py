@@ -6,6 +6,9 @@ from aiohttp import web
 
 from .handlers import campaigns, clicks, ops, reports, tracking
 
+# Answered on TRACKER_ADMIN_LISTEN instead of the public port when that is set.
+ADMIN_PATHS = frozenset(["/metrics", "/healthz", "/readyz", "/readyz/tracking"])
+
 
 def setup(app: web.Application) -> None:
     r = app.router
@@ -20,4 +23,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/reports", reports.get)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
+    r.add_get("/readyz/tracking", ops.tracking_ready)
     r.add_get("/metrics", ops.metrics_)

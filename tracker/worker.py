@@ -4,13 +4,15 @@ with SO_REUSEPORT beside its siblings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import logs
 from .app import IN_FLIGHT_SECONDS, create_app
-from .fastpath import serving
+from .fastpath import FastServer, serving
 from .settings import Settings
 
 # The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
@@ -26,6 +28,20 @@ def runner_for(app: web.Application) -> web.AppRunner:
                          max_field_size=MAX_FIELD)
 
 
+@contextlib.asynccontextmanager
+async def listening(app: web.Application, runner: web.AppRunner,
+                    settings: Settings) -> AsyncIterator[FastServer]:
+    """The worker's sockets: the admin address when there is one (metrics and health, not
+    on the public port), and the public port, where the fast path takes every connection
+    and hands non-tracking ones to aiohttp (runner.server). Leaving stops accepting and
+    answers what is in flight."""
+    if settings.admin_listen:
+        admin = web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_port=True)
+        await admin.start()
+    async with serving(app, runner, settings.host, settings.port, SHUTDOWN_TIMEOUT) as fast:
+        yield fast
+
+
 async def serve_worker(settings: Settings, slot: int) -> None:
     app = create_app(settings, slot=slot)
     runner = runner_for(app)
@@ -34,10 +50,8 @@ async def serve_worker(settings: Settings, slot: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # The fast path listens; it hands non-tracking connections to aiohttp (runner.server).
-    async with serving(app, runner, settings.host, settings.port, SHUTDOWN_TIMEOUT):
+    async with listening(app, runner, settings):
         await stop.wait()
-        # Leaving: stop accepting, answer what is in flight.
     # Then aiohttp's connections, then the cleanup contexts (the writer flushes the buffer).
     await runner.cleanup()
 

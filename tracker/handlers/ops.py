@@ -1,4 +1,11 @@
-"""Health, readiness and metrics."""
+"""Health, readiness and metrics.
+
+`/readyz` is the contract's: PostgreSQL, Redis and the write backlog, for dashboards and
+people. `/readyz/tracking` is what a load balancer should ask: whether this worker answers
+redirects and pixels, which it does through PostgreSQL and Redis outages (campaigns as last
+known, events spooled). Taking every instance out of rotation during the very outage the
+spool exists for would turn our outage into our customers'.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import metrics
-from ..keys import PG, REDIS, SETTINGS, WRITER
+from ..keys import CAMPAIGNS, PG, REDIS, SETTINGS, WRITER
 from ..storage import db
 from .common import json_response
 
@@ -53,6 +60,12 @@ async def readyz(request: web.Request) -> web.Response:
             not_ready.append("backlog")
     body = {"status": "not_ready" if not_ready else "ready", "not_ready": not_ready} | body
     return json_response(body, status=503 if not_ready else 200)
+
+
+async def tracking_ready(request: web.Request) -> web.Response:
+    loaded = request.app[CAMPAIGNS].loaded
+    return json_response({"status": "ready" if loaded else "not_ready", "campaigns_loaded": loaded},
+                         status=200 if loaded else 503)
 
 
 async def metrics_(request: web.Request) -> web.Response:

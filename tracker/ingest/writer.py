@@ -119,7 +119,9 @@ class BatchWriter:
             backoff = 0.05
             while not self._stopping.is_set():
                 try:
-                    await self.step()
+                    if await self.step():
+                        metrics.BACKEND_UP.labels("postgres").set(1)
+                    metrics.BACKEND_UP.labels("redis").set(1)
                     backoff = 0.05
                     self._recovered()
                 except asyncio.CancelledError:
@@ -271,6 +273,8 @@ class BatchWriter:
             raise
         metrics.BATCH_ROWS.observe(len(batch))
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
+        # Stream ids start with the millisecond the event was appended, just before its answer.
+        metrics.WRITE_LAG.observe(max(0.0, time.time() - int(batch[0][0].split("-", 1)[0]) / 1000))
 
     async def _write_split(self, conn: asyncpg.Connection, batch: list[Entry]) -> None:
         clicks, impressions, bad = [], [], []
@@ -291,6 +295,7 @@ class BatchWriter:
                 for entry_id, fields, error in bad:
                     await store.dead_letter(conn, entry_id, _payload(fields), error)
                 new_clicks, new_impressions = await store.write(conn, clicks, impressions)
+            metrics.DEAD_LETTERS.inc(len(bad))
         except asyncpg.PostgresError as exc:
             if not blames_a_row(exc):
                 raise
@@ -298,6 +303,7 @@ class BatchWriter:
                 log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", batch[0][0], exc)
                 async with conn.transaction():
                     await store.dead_letter(conn, batch[0][0], _payload(batch[0][1]), repr(exc))
+                metrics.DEAD_LETTERS.inc()
                 return
             half = len(batch) // 2
             await self._write_split(conn, batch[:half])
@@ -338,6 +344,7 @@ class BatchWriter:
 
     def _note_failure(self, exc: BaseException, count: bool = True) -> None:
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
+        metrics.BACKEND_UP.labels(backend).set(0)
         if count:
             metrics.BATCH_FAILURES.inc()
             metrics.BACKEND_ERRORS.labels(backend).inc()
