@@ -130,8 +130,12 @@ async def batch_writer(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait([task], timeout=0.1)
     if not task.cancelled() and task.exception() is not None:
         log.error("batch writer failed: %r", task.exception())
-    # Only now may the drain use the writer's connection: the task no longer does.
-    await writer.drain(time.monotonic() + DRAIN_SECONDS)
+    # Only now may the drain use the writer's connection: the task no longer does. Bounded
+    # even when a batch hangs: what it could not write waits in the stream for a writer.
+    try:
+        await asyncio.wait_for(writer.drain(time.monotonic() + DRAIN_SECONDS), DRAIN_SECONDS)
+    except asyncio.TimeoutError:
+        log.warning("leaving with events still in the stream; a writer will store them")
     await writer.close()
 
 

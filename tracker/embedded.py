@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,10 @@ class EmbeddedPostgres:
         return str(self._server.get_uri())
 
     def start(self) -> None:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns, on import, that a root shell has no XDG_RUNTIME_DIR.
+            warnings.simplefilter("ignore")
+            import pgserver
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]

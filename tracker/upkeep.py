@@ -116,9 +116,11 @@ class PartitionUpkeep:
         if (table, day) in self._failed:
             self._failed.discard((table, day))
             log.info("partition %s is there now", name)
-        if moved is not None:
+        if moved:
             log.info("created partition %s (took %d rows over from %s_default)",
                      name, moved, table)
+        elif moved is not None:
+            log.debug("created partition %s", name)
 
     async def _retention(self, conn: asyncpg.Connection) -> None:
         # Two steps, two transactions: a drop that fails does not keep DEFAULT from pruning.

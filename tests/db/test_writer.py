@@ -222,3 +222,72 @@ async def test_replay_ends_while_writers_refuse_the_same_events_again(
 
 
 POISON = 200
+
+
+async def test_a_live_writer_waiting_out_postgres_keeps_its_batch(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """A long PostgreSQL outage (here: for one writer only) must not make writers steal each
+    other's batches: the writer is alive, only busy."""
+    s = quiet_service
+    c = await s.create_campaign(slug="busy")
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    keys = Keys(s.settings.redis_prefix)
+    await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(50)])
+    away = asyncio.Event()
+    away.set()
+
+    async def connect() -> asyncpg.Connection:
+        if away.is_set():
+            raise OSError("PostgreSQL is away (for this writer)")
+        return await db.connect(s.settings.database_url)
+
+    busy = BatchWriter(redis, connect, keys, batch_size=500, wait_ms=10, claim_idle_ms=300,
+                       consumer="busy-writer")
+    task = asyncio.create_task(busy.run())
+    try:
+        assert await eventually(lambda: _holds(busy), timeout=10)
+        other = writer_for(s.settings, redis, claim_idle_ms=300)
+        for _ in range(15):  # five times the claim time
+            await other.step(block=False)
+            await asyncio.sleep(0.1)
+        assert await counts(pg) == (0, 0, 0, 0)
+        held = await redis.xpending_range(keys.stream, keys.group, "-", "+", 100,
+                                          consumername="busy-writer")
+        assert len(held) == 50
+        away.clear()  # PostgreSQL is back for it: it writes its own batch
+        assert await eventually(lambda: _stored(pg, 50), timeout=20)
+    finally:
+        busy.stop()
+        await asyncio.wait_for(task, 10)
+        await busy.close()
+        await redis.aclose()
+
+
+async def test_gone_writers_are_claimed_from_then_removed_from_the_group(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    s = quiet_service
+    c = await s.create_campaign(slug="gone")
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    keys = Keys(s.settings.redis_prefix)
+    await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(30)])
+    holder = writer_for(s.settings, redis, batch_size=30)
+    await holder.ensure_group()
+    assert len(await holder._read(">")) == 30  # read, then its process died
+    await redis.xgroup_createconsumer(keys.stream, keys.group, "left-empty")
+    live = writer_for(s.settings, redis, claim_idle_ms=200)
+    await live._alive()
+    await asyncio.sleep(0.3)
+    while await live.step(block=False):
+        pass
+    assert await counts(pg) == (30, 0, 30, 0)
+    names = [n["name"].decode() for n in await redis.xinfo_consumers(keys.stream, keys.group)]
+    assert names == [live.consumer]
+    await redis.aclose()
+
+
+async def _holds(writer: BatchWriter) -> bool:
+    return bool(writer._held)
+
+
+async def _stored(pg: asyncpg.Connection, n: int) -> bool:
+    return bool(await pg.fetchval("SELECT count(*) FROM clicks") == n)

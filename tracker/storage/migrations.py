@@ -55,7 +55,7 @@ async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
                 async with conn.transaction():
                     await conn.execute(path.read_text())
                     await conn.execute(RECORD, version, path.name)
-                log.info("applied migration %s", path.name)
+                log.debug("applied migration %s", path.name)
                 applied_now.append(path.name)
         finally:
             await conn.execute(UNLOCK)
