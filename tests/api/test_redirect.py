@@ -219,3 +219,28 @@ async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
     finally:
         await running.close()
         await runner.cleanup()
+
+
+async def test_the_country_header_is_trusted_only_when_configured(settings: Settings,
+                                                                  pg: asyncpg.Connection) -> None:
+    """Without a proxy in front that sets it, CF-IPCountry is whatever the client wrote: by
+    default no country header is trusted, on either server."""
+    assert Settings.from_env({}).country_header == ""
+    runner, running = await start(settings.with_(country_header=Settings().country_header))
+    try:
+        await running.create_campaign(slug="nocountry")
+        await running.click("nocountry", headers={"CF-IPCountry": "TR"})      # fast path
+        async with running.http.get(running.url("/c/nocountry"), allow_redirects=False,
+                                    headers={"CF-IPCountry": "TR"}) as r:    # aiohttp
+            assert r.status == 302
+
+        async def two() -> list[asyncpg.Record] | None:
+            rows = await clicks_in_db(pg)
+            return rows if len(rows) == 2 else None
+
+        rows = await eventually(two)
+        assert rows is not None
+        assert [r["country"] for r in rows] == ["", ""]
+    finally:
+        await running.close()
+        await runner.cleanup()
