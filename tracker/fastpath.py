@@ -69,7 +69,12 @@ class _Head:
         name = name.lower()
         if name in (b"content-length", b"transfer-encoding"):
             self.has_body = self.has_body or value.strip() not in (b"", b"0")
-        # The first of a repeated header wins, as in aiohttp's headers.get().
+        if name == b"x-forwarded-for" and name in self.headers:
+            # A proxy may add its own line instead of appending to the client's: every line
+            # counts, in order, or the client's own line would name the visitor.
+            self.headers[name] += b"," + value
+            return
+        # The first of any other repeated header wins, as in aiohttp's headers.get().
         self.headers.setdefault(name, value)
 
 
