@@ -31,7 +31,7 @@ from .handlers.tracking import Answer, answer_click, answer_pixel, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
 from .keys import TRACKER
-from .middleware import MAX_HEADER, MAX_URL
+from .middleware import HANDLER_ARGS, MAX_HEADER, MAX_URL, JsonErrors
 
 HOT_PREFIXES = (b"GET /c/", b"GET /i/", b"HEAD /c/", b"HEAD /i/")
 LONGEST_PREFIX = max(len(p) for p in HOT_PREFIXES)
@@ -231,7 +231,10 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.server.connections.discard(self)
-        handler: Any = self.server.runner.server()  # type: ignore[misc]
+        manager = self.server.runner.server
+        assert manager is not None
+        # What manager() would make, but answering its parse errors in JSON.
+        handler = JsonErrors(manager, loop=asyncio.get_running_loop(), **HANDLER_ARGS)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self.read_paused:

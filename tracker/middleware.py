@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -18,6 +20,10 @@ log = logging.getLogger(__name__)
 OPERATOR_API = "/api/"
 MAX_URL = 8192
 MAX_HEADER = 8192
+# aiohttp's connection handlers: no access log (metrics count requests), and a parser that
+# accepts long lines so that `observe` answers 414/431 instead of the parser's 400.
+HANDLER_ARGS: dict[str, Any] = {"access_log": None, "max_line_size": 65536,
+                                "max_field_size": 65536}
 
 
 @web.middleware
@@ -54,3 +60,24 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics.HTTP_REQUESTS.labels(label, request.method, status).inc()
     metrics.HTTP_LATENCY.labels(label, status).observe(time.perf_counter() - started)
     return response
+
+
+class JsonErrors(web.RequestHandler):
+    """aiohttp's connection handler, answering the contract's JSON error where aiohttp would
+    answer text/plain: a request its parser refuses never reaches the app (nor `observe`), it
+    goes straight to handle_error."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own: it logs, and raises when an answer has already begun.
+        super().handle_error(request, status, exc, message)
+        text = {400: "malformed HTTP request", 500: "internal error"}.get(status)
+        response = web.Response(
+            status=status, content_type="application/json",
+            body=error_body(status, HTTP_CODES.get(status, "error"),
+                            text or HTTPStatus(status).phrase))
+        response.force_close()
+        return response

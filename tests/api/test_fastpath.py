@@ -108,3 +108,20 @@ async def test_garbage_gets_a_json_400_and_the_connection_closes(service: Runnin
     assert b'"code":"bad_request"' in data
     data = await raw(service, b"GET /c/" + b"x" * 70_000)
     assert data.startswith(b"HTTP/1.1 431")
+
+
+async def test_aiohttp_answers_what_it_cannot_parse_in_json(service: Running) -> None:
+    """A connection handed to aiohttp (its first request was /healthz) that then sends a
+    malformed request gets the contract's JSON error, not aiohttp's text/plain."""
+    reader, writer = await asyncio.open_connection(service.settings.host, service.settings.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 10)
+    assert first.startswith(b"HTTP/1.1 200")
+    writer.write(b"GET /healthz HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    got = responses(await asyncio.wait_for(reader.read(), 10))
+    writer.close()
+    assert len(got) == 1
+    status, headers, body = got[0]
+    assert status == 400
+    assert headers["content-type"][0].startswith("application/json")
+    assert body.startswith(b'{"error":{"code":"bad_request"')
