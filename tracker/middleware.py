@@ -32,7 +32,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if len(request.raw_path) > MAX_URL:
             raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
-        if any(len(value) > MAX_HEADER for _, value in request.raw_headers):
+        if any(len(name) > MAX_HEADER or len(value) > MAX_HEADER
+               for name, value in request.raw_headers):
             raise ApiError(431, "headers_too_large", f"a header must be at most {MAX_HEADER} bytes")
         if request.path.startswith(OPERATOR_API):
             # Before routing: without a valid token, every /api/ path answers 401, even one
