@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import deque
 from email.utils import formatdate
@@ -104,6 +105,13 @@ HEAD_TOO_LARGE = _Refusal(431, "headers_too_large",
 _Item = _Request | _Refusal | _HandOver
 
 
+_HIGH = re.compile(rb"[\x80-\xff]")
+
+
+def _escape(raw: bytearray) -> bytes:
+    return _HIGH.sub(lambda byte: b"%%%02X" % byte[0][0], raw)
+
+
 class _Stop(Exception):
     """Raised in a parser callback to stop parsing; what happens next is queued."""
 
@@ -169,7 +177,7 @@ class FastServer:
 
 class FastProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "request", "queue", "held", "buffer", "start",
-                 "head_end", "line", "reading", "busy", "closing", "eof", "write_paused",
+                 "head_end", "line", "reading", "escaping", "reparsed", "busy", "closing", "eof", "write_paused",
                  "read_paused", "peer", "last_active")
 
     def __init__(self, server: FastServer) -> None:
@@ -186,6 +194,8 @@ class FastProtocol(asyncio.Protocol):
         self.head_end = 0                   # where its head ends, once complete
         self.line = 0                       # bytes of the head's line that has not ended
         self.reading = FEED
+        self.escaping = False               # percent-encode bytes >= 0x80 until the line ends
+        self.reparsed = False               # the request being parsed started over already
         self.busy = False
         self.closing = False                # the server is stopping
         self.eof = False                    # the client closed its side
@@ -214,15 +224,7 @@ class FastProtocol(asyncio.Protocol):
         buffer += data
         lf = data.rfind(b"\n")  # from the end: one step for a read that ends a head
         self.line = self.line + len(data) if lf < 0 else len(data) - lf - 1
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if self.reading == FEED:  # not one of our stops: a bug in a callback
-                self.server.app.logger.error("fast path parser callback failed",
-                                             exc_info=exc.__context__)
-                self._refuse(_Refusal(500, "internal", "internal error"))
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._refuse(MALFORMED)
+        self._parse(data)
         if self.start:
             del buffer[:self.start]  # the requests that ended in this read
             self.start = 0
@@ -232,6 +234,64 @@ class FastProtocol(asyncio.Protocol):
         if self.held + len(buffer) > MAX_BUFFERED:
             self._pause_if_full()
         self._next()
+
+    def _parse(self, data: bytes) -> None:
+        """Feed what arrived to the parser.
+
+        llhttp refuses raw bytes >= 0x80 in a URL, but networks send raw UTF-8 in click URLs:
+        the request that has them is parsed again from its first byte by a new parser, once,
+        with the bytes >= 0x80 of its request line percent-encoded (the query is then read as
+        UTF-8, and what is not UTF-8 refused by name, as for %XX). The bytes that follow in the
+        request line are encoded as they arrive: every byte is still fed at most twice."""
+        offset = -1  # -1: data, as it came
+        while True:
+            try:
+                if self.escaping:
+                    self._feed_escaped(len(self.buffer) - len(data) if offset < 0 else offset)
+                elif offset < 0:
+                    self.parser.feed_data(data)
+                else:
+                    with memoryview(self.buffer) as view, view[offset:] as rest:
+                        self.parser.feed_data(rest)
+                return
+            except httptools.HttpParserInvalidURLError:
+                offset = self._first_byte()
+                line_end = self.buffer.find(b"\n", offset)
+                if self.reparsed or not _HIGH.search(
+                        self.buffer, offset, len(self.buffer) if line_end < 0 else line_end):
+                    self._refuse(MALFORMED)
+                    return
+                self.parser = httptools.HttpRequestParser(self)
+                self.reparsed = self.escaping = True
+            except httptools.HttpParserCallbackError as exc:
+                if self.reading == FEED:  # not one of our stops: a bug in a callback
+                    self.server.app.logger.error("fast path parser callback failed",
+                                                 exc_info=exc.__context__)
+                    self._refuse(_Refusal(500, "internal", "internal error"))
+                return
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                self._refuse(MALFORMED)
+                return
+
+    def _feed_escaped(self, offset: int) -> None:
+        """Feed buffer[offset:], its bytes >= 0x80 percent-encoded up to the request line's end."""
+        buffer = self.buffer
+        line_end = buffer.find(b"\n", offset)
+        if line_end < 0:
+            self.parser.feed_data(_escape(buffer[offset:]))
+            return
+        self.parser.feed_data(_escape(buffer[offset:line_end]))
+        self.escaping = False
+        with memoryview(buffer) as view, view[line_end:] as rest:
+            self.parser.feed_data(rest)
+
+    def _first_byte(self) -> int:
+        """Where the request being parsed starts in buffer: after any blank lines before it."""
+        buffer = self.buffer
+        first = self.start
+        while first < len(buffer) and buffer[first] in b"\r\n":
+            first += 1
+        return first
 
     def eof_received(self) -> bool:
         # What was complete is still answered; a request cut short never will be.
@@ -286,10 +346,7 @@ class FastProtocol(asyncio.Protocol):
         buffer = self.buffer
         # The head is complete and in buffer: it ends at the first CRLFCRLF after its first
         # byte (blank lines before a request are allowed and skipped).
-        first = self.start
-        while buffer[first] in b"\r\n":
-            first += 1
-        end = buffer.find(b"\r\n\r\n", first)
+        end = buffer.find(b"\r\n\r\n", self._first_byte())
         # (-1: an HTTP/0.9 request line without headers; never kept alive, so what follows it
         # is never read.)
         self.head_end = end = len(buffer) if end < 0 else end + 4
@@ -304,6 +361,7 @@ class FastProtocol(asyncio.Protocol):
         # Asked now: llhttp forgets `Connection: close` once the message is complete.
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
+        self.reparsed = False  # the next request may start over once too
 
     def on_message_complete(self) -> None:
         request = self.request
