@@ -39,7 +39,7 @@ from .errors import ApiError, error_body
 from .handlers.tracking import Answer, answer_click, answer_pixel, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
-from .keys import TRACKER
+from .keys import SETTINGS, TRACKER
 from .middleware import HANDLER_ARGS, MAX_HEADER, MAX_URL, JsonErrors
 
 MAX_HEAD = 64 * 1024           # request line and headers
@@ -121,6 +121,10 @@ class FastServer:
         self.app = app
         self.runner = runner
         self.connections: set[FastProtocol] = set()
+        # Those waiting for a request (new, or kept alive after an answer), longest first: at
+        # the cap the first makes room, as nginx reuses its idle connections.
+        self.idle: dict[FastProtocol, None] = {}
+        self.max_connections = app[SETTINGS].max_connections
         self.country_header = app[TRACKER].country_header.lower().encode()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -145,6 +149,14 @@ class FastServer:
             self._date_second = now
             self.date = formatdate(now, usegmt=True).encode()
         return self.date
+
+    def make_room(self) -> bool:
+        """Close the connection that has waited longest for a request, if one is waiting."""
+        oldest = next(iter(self.idle), None)
+        if oldest is None:
+            return False
+        oldest.abort(graceful=True)
+        return True
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -207,11 +219,16 @@ class FastProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        if len(server.connections) >= server.max_connections and not server.make_room():
+            transport.close()  # every connection is mid-request: refuse this one
+            return
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
-        self.server.connections.add(self)
+        server.connections.add(self)
+        server.idle[self] = None
 
     def data_received(self, data: bytes) -> None:
         reading = self.reading
@@ -220,6 +237,7 @@ class FastProtocol(asyncio.Protocol):
                 self.buffer += data
                 self._pause_if_full()
             return
+        self.server.idle.pop(self, None)
         buffer = self.buffer
         buffer += data
         lf = data.rfind(b"\n")  # from the end: one step for a read that ends a head
@@ -398,6 +416,8 @@ class FastProtocol(asyncio.Protocol):
         if not queue:
             if self.eof or self.closing:
                 self.abort(graceful=True)
+            elif not self.buffer and self.reading == FEED:
+                self.server.idle[self] = None  # waiting for the next request
             return
         item = queue.popleft()
         if type(item) is _Request:
@@ -511,6 +531,7 @@ class FastProtocol(asyncio.Protocol):
 
     def _forget(self) -> None:
         self.server.connections.discard(self)
+        self.server.idle.pop(self, None)
 
     def abort(self, graceful: bool = False) -> None:
         transport = self.transport

@@ -74,6 +74,9 @@ class Settings:
     country_header: str = ""
     # How many proxies in front of us append to X-Forwarded-For (0: use the peer address).
     proxy_hops: int = 0
+    # Connections each worker's fast path keeps open. At the cap a new connection closes the
+    # one that has waited longest for a request, or is refused when every one is mid-request.
+    max_connections: int = 10_000
     partition_days_ahead: int = 7
     retention_days: int = 0  # 0 keeps raw events forever
     log_level: str = "INFO"
@@ -108,6 +111,7 @@ class Settings:
             geoip_db=env.get("TRACKER_GEOIP_DB", "").strip(),
             country_header=env.get("TRACKER_COUNTRY_HEADER", "").strip(),
             proxy_hops=_int(env, "TRACKER_PROXY_HOPS", 0),
+            max_connections=_int(env, "TRACKER_MAX_CONNECTIONS", 10_000, minimum=1),
             partition_days_ahead=_int(env, "TRACKER_PARTITION_DAYS_AHEAD", 7, minimum=1),
             retention_days=_int(env, "TRACKER_RETENTION_DAYS", 0),
             log_level=env.get("TRACKER_LOG_LEVEL", "").strip().upper() or "INFO",

@@ -224,3 +224,48 @@ async def test_a_head_sent_a_byte_at_a_time_costs_linear_work(
     finally:
         await running.close()
         await runner.cleanup()
+
+
+async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
+        settings: Settings) -> None:
+    assert Settings.from_env({}).max_connections == 10_000
+    assert Settings.from_env({"TRACKER_MAX_CONNECTIONS": "5"}).max_connections == 5
+    runner, running = await start(settings.with_(max_connections=2))
+    host, port = settings.host, settings.port
+    get = b"GET /c/cap HTTP/1.1\r\nHost: t\r\n"
+    opened = []
+
+    async def until(check: Any) -> None:
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the server never got there")
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(host, port)
+        opened.append(writer)
+        return reader, writer
+
+    try:
+        await running.create_campaign(slug="cap")  # on a connection aiohttp took: not counted
+        a_in, a_out = await connect()              # answered, then kept alive: idle
+        a_out.write(get + b"\r\n")
+        assert (await asyncio.wait_for(a_in.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 302")
+        b_in, b_out = await connect()              # mid-request: not idle
+        b_out.write(get)
+        await until(lambda: len(runner.fast.connections) == 2 and len(runner.fast.idle) == 1)
+        c_in, c_out = await connect()              # at the cap: A makes room
+        assert await asyncio.wait_for(a_in.read(), 10) == b""
+        c_out.write(get)
+        await until(lambda: len(runner.fast.connections) == 2 and not runner.fast.idle)
+        d_in, _ = await connect()                  # at the cap, nobody idle: refused
+        assert await asyncio.wait_for(d_in.read(), 10) == b""
+        for reader, writer in ((b_in, b_out), (c_in, c_out)):  # B and C are still served
+            writer.write(b"Connection: close\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 302")
+    finally:
+        for writer in opened:
+            writer.close()
+        await running.close()
+        await runner.cleanup()
