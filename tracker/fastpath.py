@@ -364,7 +364,10 @@ class FastProtocol(asyncio.Protocol):
         buffer = self.buffer
         # The head is complete and in buffer: it ends at the first CRLFCRLF after its first
         # byte (blank lines before a request are allowed and skipped).
-        end = buffer.find(b"\r\n\r\n", self._first_byte())
+        first = self.start
+        if buffer[first] in b"\r\n":
+            first = self._first_byte()
+        end = buffer.find(b"\r\n\r\n", first)
         # (-1: an HTTP/0.9 request line without headers; never kept alive, so what follows it
         # is never read.)
         self.head_end = end = len(buffer) if end < 0 else end + 4
