@@ -10,8 +10,8 @@ first byte on, to aiohttp, which serves it from there on (tracking routes includ
 same answers).
 
 Framing: one httptools (llhttp) parser per connection is fed each read as it arrives, and its
-callbacks collect each request. Every byte is fed once, so a head trickling in a byte at a time
-costs linear work. llhttp reports no byte offsets, but a head it accepted in strict mode (no
+callbacks collect each request. Every byte is fed once (twice at most for a request with raw
+UTF-8 in its URL, see _parse), so a head trickling in a byte at a time costs linear work. llhttp reports no byte offsets, but a head it accepted in strict mode (no
 bare LF, no CR inside a line) ends at the first CRLFCRLF after its start: that is searched once
 per head, when llhttp says the head is complete, never per read. So the raw bytes of a request
 to hand over are known without parsing anything twice.
