@@ -2,24 +2,33 @@
 framework in between.
 
 A redirect is a few hundred bytes in and out; aiohttp's request and response machinery costs
-several times what the tracking itself does. So each worker listens with this protocol:
-it frames bodiless GET/HEAD requests for the tracking routes itself (httptools parses them),
-asks handlers/tracking.py for the answer and writes it straight to the socket. The first
-request on a connection that is anything else (the operator API, /metrics, a body) hands the
-whole connection to aiohttp, which serves it from there on (tracking routes included, with the
+several times what the tracking itself does. So each worker listens with this protocol: it
+frames bodiless GET/HEAD requests for the tracking routes itself, asks handlers/tracking.py for
+the answer and writes it straight to the socket. The first request on a connection that is
+anything else (the operator API, /metrics, a body) hands the connection, from that request's
+first byte on, to aiohttp, which serves it from there on (tracking routes included, with the
 same answers).
 
-Requests on one connection are answered one at a time, in order (HTTP/1.1 pipelining is
-honoured by reading the next only after answering the current).
+Framing: one httptools (llhttp) parser per connection is fed each read as it arrives, and its
+callbacks collect each request. Every byte is fed once (twice at most for a request with raw
+UTF-8 in its URL, see _parse), so a head trickling in a byte at a time costs linear work. llhttp reports no byte offsets, but a head it accepted in strict mode (no
+bare LF, no CR inside a line) ends at the first CRLFCRLF after its start: that is searched once
+per head, when llhttp says the head is complete, never per read. So the raw bytes of a request
+to hand over are known without parsing anything twice.
+
+Requests on one connection are answered one at a time, in order: complete requests are queued
+as they arrive (pipelining), and what a client sent before closing its side is answered too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
+from collections import deque
 from email.utils import formatdate
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
@@ -30,47 +39,81 @@ from .errors import ApiError, error_body
 from .handlers.tracking import Answer, answer_click, answer_pixel, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
-from .keys import TRACKER
-from .middleware import MAX_HEADER, MAX_URL
+from .keys import SETTINGS, TRACKER
+from .middleware import HANDLER_ARGS, MAX_HEADER, MAX_URL, JsonErrors
 
-HOT_PREFIXES = (b"GET /c/", b"GET /i/", b"HEAD /c/", b"HEAD /i/")
-LONGEST_PREFIX = max(len(p) for p in HOT_PREFIXES)
 MAX_HEAD = 64 * 1024           # request line and headers
+# A line of the head still unfinished at this length holds a header name or value over
+# MAX_HEADER (or a URL over MAX_URL): refused before it ends. (httptools joins the pieces of a
+# header itself, each time one more arrives: the cut keeps that work bounded per byte.)
+MAX_LINE = 2 * MAX_HEADER + 8
 MAX_BUFFERED = 256 * 1024      # pipelined bytes held before we stop reading
 KEEPALIVE_SECONDS = 75.0
 REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found",
            414: b"URI Too Long", 431: b"Request Header Fields Too Large",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
 ROUTES = {b"/c/": "/c/{slug}", b"/i/": "/i/{slug}"}
+HOT_METHODS = (b"GET", b"HEAD")
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+FORWARDED_FOR = b"x-forwarded-for"
+
+# What the connection does with what arrives next.
+FEED = 0        # parse it
+KEEP = 1        # keep it for aiohttp: a request to hand over is queued
+DROP = 2        # ignore it: the last request this connection will answer is queued
 
 
-class _Head:
-    """httptools callbacks: collect what a tracking hit needs from one request head."""
+class _Request:
+    """One request as the parser's callbacks collect it."""
 
-    __slots__ = ("url", "headers", "has_body", "keep_alive", "http10", "parser")
+    __slots__ = ("url_parts", "url_len", "headers", "forwarded", "has_body", "method", "url",
+                 "keep_alive", "http10", "size")
 
     def __init__(self) -> None:
-        self.url = b""
-        self.headers: dict[bytes, bytes] = {}
+        self.url_parts: list[bytes] = []
+        self.url_len = 0
+        self.headers: dict[bytes, bytes] = {}    # lower-case name: first value
+        self.forwarded: list[bytes] | None = None  # every X-Forwarded-For line, in order
         self.has_body = False
+        self.method = b""
+        self.url = b""
         self.keep_alive = False
         self.http10 = False
-        self.parser = httptools.HttpRequestParser(self)
+        self.size = 0               # bytes of its head
 
-    def on_headers_complete(self) -> None:
-        # llhttp forgets `Connection: close` once the message is complete: ask now.
-        self.keep_alive = self.parser.should_keep_alive()
-        self.http10 = self.parser.get_http_version() == "1.0"
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
+class _Refusal:
+    """An error answer that ends the connection."""
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in (b"content-length", b"transfer-encoding"):
-            self.has_body = self.has_body or value.strip() not in (b"", b"0")
-        # The first of a repeated header wins, as in aiohttp's headers.get().
-        self.headers.setdefault(name, value)
+    __slots__ = ("status", "code", "message")
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code, self.message = status, code, message
+
+
+class _HandOver:
+    """Hand the connection to aiohttp from here on."""
+
+
+HAND_OVER = _HandOver()
+MALFORMED = _Refusal(400, "bad_request", "malformed HTTP request")
+URL_TOO_LONG = _Refusal(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
+HEADER_TOO_LARGE = _Refusal(431, "headers_too_large",
+                            f"a header must be at most {MAX_HEADER} bytes")
+HEAD_TOO_LARGE = _Refusal(431, "headers_too_large",
+                          f"the request head must be at most {MAX_HEAD} bytes")
+_Item = _Request | _Refusal | _HandOver
+
+
+_HIGH = re.compile(rb"[\x80-\xff]")
+
+
+def _escape(raw: bytearray) -> bytes:
+    return _HIGH.sub(lambda byte: b"%%%02X" % byte[0][0], raw)
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing; what happens next is queued."""
 
 
 class FastServer:
@@ -78,6 +121,10 @@ class FastServer:
         self.app = app
         self.runner = runner
         self.connections: set[FastProtocol] = set()
+        # Those waiting for a request (new, or kept alive after an answer), longest first: at
+        # the cap the first makes room, as nginx reuses its idle connections.
+        self.idle: dict[FastProtocol, None] = {}
+        self.max_connections = app[SETTINGS].max_connections
         self.country_header = app[TRACKER].country_header.lower().encode()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -102,6 +149,14 @@ class FastServer:
             self._date_second = now
             self.date = formatdate(now, usegmt=True).encode()
         return self.date
+
+    def make_room(self) -> bool:
+        """Close the connection that has waited longest for a request, if one is waiting."""
+        oldest = next(iter(self.idle), None)
+        if oldest is None:
+            return False
+        oldest.abort(graceful=True)
+        return True
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -133,12 +188,29 @@ class FastServer:
 
 
 class FastProtocol(asyncio.Protocol):
+    __slots__ = ("server", "transport", "parser", "request", "queue", "held", "buffer", "start",
+                 "head_end", "line", "reading", "escaping", "reparsed", "busy", "closing", "eof", "write_paused",
+                 "read_paused", "peer", "last_active")
+
     def __init__(self, server: FastServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.request = _Request()           # the one being parsed
+        self.queue: deque[_Item] = deque()  # parsed, waiting for their answer
+        self.held = 0                       # bytes of the queued requests' heads
+        # Raw bytes from the start of the request being parsed (what aiohttp gets if it is
+        # not ours); complete requests are cut off after each read.
         self.buffer = bytearray()
+        self.start = 0                      # where that request starts in buffer
+        self.head_end = 0                   # where its head ends, once complete
+        self.line = 0                       # bytes of the head's line that has not ended
+        self.reading = FEED
+        self.escaping = False               # percent-encode bytes >= 0x80 until the line ends
+        self.reparsed = False               # the request being parsed started over already
         self.busy = False
-        self.closing = False
+        self.closing = False                # the server is stopping
+        self.eof = False                    # the client closed its side
         self.write_paused = False
         self.read_paused = False
         self.peer = ""
@@ -147,27 +219,107 @@ class FastProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        if len(server.connections) >= server.max_connections and not server.make_room():
+            transport.close()  # every connection is mid-request: refuse this one
+            return
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
-        self.server.connections.add(self)
+        server.connections.add(self)
+        server.idle[self] = None
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > MAX_BUFFERED and self.transport is not None and not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
+        reading = self.reading
+        if reading != FEED:
+            if reading == KEEP:
+                self.buffer += data
+                self._pause_if_full()
+            return
+        self.server.idle.pop(self, None)
+        buffer = self.buffer
+        buffer += data
+        lf = data.rfind(b"\n")  # from the end: one step for a read that ends a head
+        self.line = self.line + len(data) if lf < 0 else len(data) - lf - 1
+        self._parse(data)
+        if self.start:
+            del buffer[:self.start]  # the requests that ended in this read
+            self.start = 0
+        if self.reading == FEED and (len(buffer) > MAX_HEAD or self.line > MAX_LINE):
+            # Checked on every read: too much has come without the head, or a line, ending.
+            self._refuse(HEAD_TOO_LARGE if len(buffer) > MAX_HEAD else HEADER_TOO_LARGE)
+        if self.held + len(buffer) > MAX_BUFFERED:
+            self._pause_if_full()
         self._next()
 
+    def _parse(self, data: bytes) -> None:
+        """Feed what arrived to the parser.
+
+        llhttp refuses raw bytes >= 0x80 in a URL, but networks send raw UTF-8 in click URLs:
+        the request that has them is parsed again from its first byte by a new parser, once,
+        with the bytes >= 0x80 of its request line percent-encoded (the query is then read as
+        UTF-8, and what is not UTF-8 refused by name, as for %XX). The bytes that follow in the
+        request line are encoded as they arrive: every byte is still fed at most twice."""
+        offset = -1  # -1: data, as it came
+        while True:
+            try:
+                if self.escaping:
+                    self._feed_escaped(len(self.buffer) - len(data) if offset < 0 else offset)
+                elif offset < 0:
+                    self.parser.feed_data(data)
+                else:
+                    with memoryview(self.buffer) as view, view[offset:] as rest:
+                        self.parser.feed_data(rest)
+                return
+            except httptools.HttpParserInvalidURLError:
+                offset = self._first_byte()
+                line_end = self.buffer.find(b"\n", offset)
+                if self.reparsed or not _HIGH.search(
+                        self.buffer, offset, len(self.buffer) if line_end < 0 else line_end):
+                    self._refuse(MALFORMED)
+                    return
+                self.parser = httptools.HttpRequestParser(self)
+                self.reparsed = self.escaping = True
+            except httptools.HttpParserCallbackError as exc:
+                if self.reading == FEED:  # not one of our stops: a bug in a callback
+                    self.server.app.logger.error("fast path parser callback failed",
+                                                 exc_info=exc.__context__)
+                    self._refuse(_Refusal(500, "internal", "internal error"))
+                return
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                self._refuse(MALFORMED)
+                return
+
+    def _feed_escaped(self, offset: int) -> None:
+        """Feed buffer[offset:], its bytes >= 0x80 percent-encoded up to the request line's end."""
+        buffer = self.buffer
+        line_end = buffer.find(b"\n", offset)
+        if line_end < 0:
+            self.parser.feed_data(_escape(buffer[offset:]))
+            return
+        self.parser.feed_data(_escape(buffer[offset:line_end]))
+        self.escaping = False
+        with memoryview(buffer) as view, view[line_end:] as rest:
+            self.parser.feed_data(rest)
+
+    def _first_byte(self) -> int:
+        """Where the request being parsed starts in buffer: after any blank lines before it."""
+        buffer = self.buffer
+        first = self.start
+        while first < len(buffer) and buffer[first] in b"\r\n":
+            first += 1
+        return first
+
     def eof_received(self) -> bool:
-        self.closing = True
-        if not self.busy:
-            self.abort()
-        return True  # we close the transport ourselves once the answer is out
+        # What was complete is still answered; a request cut short never will be.
+        self.eof = True
+        if not self.busy and not self.queue:
+            self.abort(graceful=True)
+        return True  # we close the transport ourselves once the answers are out
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self._forget()
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -177,107 +329,170 @@ class FastProtocol(asyncio.Protocol):
         self.write_paused = False
         self._next()
 
-    # -- framing -----------------------------------------------------------------------------
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        request = self.request
+        request.url_len += len(url)
+        if request.url_len > MAX_URL:
+            self._stop(URL_TOO_LONG)  # at once: the rest of the URL is not waited for
+        request.url_parts.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(value) > MAX_HEADER or len(name) > MAX_HEADER:
+            self._stop(HEADER_TOO_LARGE)
+        name = name.lower()
+        request = self.request
+        if name in BODY_HEADERS:
+            request.has_body = request.has_body or value.strip() not in (b"", b"0")
+        elif name == FORWARDED_FOR:
+            # Every line, in order: a proxy may add a line instead of appending to the client's.
+            if request.forwarded is None:
+                request.forwarded = [value]
+            else:
+                request.forwarded.append(value)
+            return
+        # The first of a repeated header wins, as in aiohttp's headers.get().
+        request.headers.setdefault(name, value)
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        parser = self.parser
+        buffer = self.buffer
+        # The head is complete and in buffer: it ends at the first CRLFCRLF after its first
+        # byte (blank lines before a request are allowed and skipped).
+        first = self.start
+        if buffer[first] in b"\r\n":
+            first = self._first_byte()
+        end = buffer.find(b"\r\n\r\n", first)
+        # (-1: an HTTP/0.9 request line without headers; never kept alive, so what follows it
+        # is never read.)
+        self.head_end = end = len(buffer) if end < 0 else end + 4
+        request.size = end - self.start
+        if request.size > MAX_HEAD:
+            self._stop(HEAD_TOO_LARGE)
+        url = request.url = b"".join(request.url_parts)
+        method = request.method = parser.get_method()
+        if (method not in HOT_METHODS or url[:3] not in ROUTES or request.has_body
+                or parser.should_upgrade()):
+            self._stop(HAND_OVER)
+        # Asked now: llhttp forgets `Connection: close` once the message is complete.
+        request.keep_alive = parser.should_keep_alive()
+        request.http10 = parser.get_http_version() == "1.0"
+        self.reparsed = False  # the next request may start over once too
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        self.queue.append(request)
+        self.held += request.size
+        self.start = self.head_end
+        if not request.keep_alive:
+            self.reading = DROP
+            raise _Stop  # nothing after it is read
+
+    def _stop(self, item: _Refusal | _HandOver) -> NoReturn:
+        self.queue.append(item)
+        self.reading = KEEP if item is HAND_OVER else DROP
+        raise _Stop
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        """Refuse the request being parsed, after answering those before it."""
+        self.queue.append(refusal)
+        self.reading = DROP
+
+    # -- flow --------------------------------------------------------------------------------
+
+    def _pause_if_full(self) -> None:
+        if (not self.read_paused and self.transport is not None
+                and self.held + len(self.buffer) > MAX_BUFFERED):
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def _next(self) -> None:
-        """Start answering the next complete request in the buffer, if we are free to."""
+        """Start on the next queued request, if we are free to."""
         if self.busy or self.write_paused or self.transport is None:
             return
-        buffer = self.buffer
-        if not buffer:
-            if self.closing:
-                self.abort()
+        queue = self.queue
+        if not queue:
+            if self.eof or self.closing:
+                self.abort(graceful=True)
+            elif not self.buffer and self.reading == FEED:
+                self.server.idle[self] = None  # waiting for the next request
             return
-        if not buffer.startswith(HOT_PREFIXES):
-            if len(buffer) < LONGEST_PREFIX and any(p.startswith(buffer) for p in HOT_PREFIXES):
-                return  # too little to tell yet
+        item = queue.popleft()
+        if type(item) is _Request:
+            self.held -= item.size
+            if self.read_paused and self.held + len(self.buffer) < MAX_BUFFERED // 2:
+                self.read_paused = False
+                self.transport.resume_reading()
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._serve(item))
+        elif item is HAND_OVER:
             self._hand_over()
-            return
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
-                self._fail(431, "headers_too_large", "the request head is too large")
-            return
-        head_bytes = bytes(buffer[:end + 4])
-        head = _Head()
-        parser = head.parser
-        try:
-            parser.feed_data(head_bytes)
-        except httptools.HttpParserUpgrade:
-            self._hand_over()
-            return
-        except httptools.HttpParserError:
-            self._fail(400, "bad_request", "malformed HTTP request")
-            return
-        if head.has_body:
-            self._hand_over()  # a body on a tracking GET: let the full server deal with it
-            return
-        del buffer[:end + 4]
-        if self.read_paused and len(buffer) < MAX_BUFFERED // 2 and self.transport is not None:
-            self.read_paused = False
-            self.transport.resume_reading()
-        self.busy = True
-        keep_alive = head.keep_alive
-        method = parser.get_method()
-        asyncio.get_running_loop().create_task(self._serve(method, head, keep_alive))
+        else:
+            self._fail(cast(_Refusal, item))
 
     def _hand_over(self) -> None:
-        """Give this connection, and what it sent so far, to aiohttp for good."""
+        """Give this connection, from the first byte of the request it holds on, to aiohttp
+        for good."""
         transport = self.transport
         assert transport is not None
-        self.server.connections.discard(self)
-        handler: Any = self.server.runner.server()  # type: ignore[misc]
+        self._forget()
+        manager = self.server.runner.server
+        assert manager is not None
+        # What manager() would make, but answering its parse errors in JSON.
+        handler = JsonErrors(manager, loop=asyncio.get_running_loop(), **HANDLER_ARGS)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self.read_paused:
             transport.resume_reading()
-        if self.buffer:
-            handler.data_received(bytes(self.buffer))
+        data = bytes(self.buffer[self.start:])
         self.buffer = bytearray()
         self.transport = None
+        if data:
+            handler.data_received(data)
 
     # -- answering ---------------------------------------------------------------------------
 
-    async def _serve(self, method: bytes, head: _Head, keep_alive: bool) -> None:
+    async def _serve(self, request: _Request) -> None:
         started = time.perf_counter()
-        route = ROUTES[head.url[:3]]
-        is_head = method == b"HEAD"
+        method = request.method
         try:
-            answer = await self._answer(method, head)
+            answer = await self._answer(request)
         except Exception:  # noqa: BLE001 - the visitor still gets an answer
             self.server.app.logger.exception("tracking request failed")
             answer = Answer(500, [("Cache-Control", "no-store")],
                             error_body(500, "internal", "internal error"), "application/json")
-        self._write(answer, keep_alive and not self.closing, is_head, head.http10)
-        requests, latency = self.server.series(route, method, answer.status)
+        # The last answer: asked to close, or stopping, or the client is done sending.
+        last = not request.keep_alive or self.closing or (self.eof and not self.queue)
+        self._write(answer, not last, method == b"HEAD", request.http10)
+        requests, latency = self.server.series(ROUTES[request.url[:3]], method, answer.status)
         requests.inc()
         latency.observe(time.perf_counter() - started)
         self.busy = False
         self.last_active = time.monotonic()
-        if not keep_alive or self.closing:
+        if last:
             self.abort(graceful=True)
         else:
             self._next()
 
-    async def _answer(self, method: bytes, head: _Head) -> Answer:
-        url = head.url
-        if len(url) > MAX_URL:
-            return error_answer(ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes"))
-        if any(len(v) > MAX_HEADER for v in head.headers.values()):
-            return error_answer(ApiError(431, "headers_too_large",
-                                   f"a header must be at most {MAX_HEADER} bytes"))
-        path, _, query = url.partition(b"?")
+    async def _answer(self, request: _Request) -> Answer:
+        path, _, query = request.url.partition(b"?")
         path, _, _ = path.partition(b"#")
-        headers = head.headers
+        headers = request.headers
+        forwarded = request.forwarded
         hit = Hit(
-            method=method.decode(),
+            method=request.method.decode(),
             slug=unquote_to_bytes(path[3:]).decode("utf-8", "replace"),
             query=_query(query),
             peer=self.peer,
             user_agent=_text(headers.get(b"user-agent")),
             referer=_text(headers.get(b"referer")),
             visitor_cookie=_cookie(headers.get(b"cookie"), VISITOR_COOKIE),
-            forwarded_for=_text(headers.get(b"x-forwarded-for")),
+            forwarded_for=_text(b",".join(forwarded)) if forwarded else "",
             country_header=_text(headers.get(self.server.country_header))
             if self.server.country_header else "",
         )
@@ -305,8 +520,9 @@ class FastProtocol(asyncio.Protocol):
             parts.append(answer.body)
         self.transport.write(b"".join(parts))
 
-    def _fail(self, status: int, code: str, message: str) -> None:
-        self._write(error_answer(ApiError(status, code, message)), keep_alive=False, is_head=False)
+    def _fail(self, refusal: _Refusal) -> None:
+        self._write(error_answer(ApiError(refusal.status, refusal.code, refusal.message)),
+                    keep_alive=False, is_head=False)
         self.abort(graceful=True)
 
     # -- closing -----------------------------------------------------------------------------
@@ -316,11 +532,15 @@ class FastProtocol(asyncio.Protocol):
         if not self.busy:
             self.abort(graceful=True)
 
+    def _forget(self) -> None:
+        self.server.connections.discard(self)
+        self.server.idle.pop(self, None)
+
     def abort(self, graceful: bool = False) -> None:
         transport = self.transport
         if transport is None:
             return
-        self.server.connections.discard(self)
+        self._forget()
         if graceful:
             transport.close()  # flushes what was written
         else:

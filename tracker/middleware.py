@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 OPERATOR_API = "/api/"
 MAX_URL = 8192
 MAX_HEADER = 8192
+# aiohttp's connection handlers: no access log (metrics count requests), and a parser that
+# accepts long lines so that `observe` answers 414/431 instead of the parser's 400.
+HANDLER_ARGS: dict[str, Any] = {"access_log": None, "max_line_size": 65536,
+                                "max_field_size": 65536}
 
 
 @web.middleware
@@ -28,7 +34,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if len(request.raw_path) > MAX_URL:
             raise ApiError(414, "uri_too_long", f"the URL must be at most {MAX_URL} bytes")
-        if any(len(value) > MAX_HEADER for _, value in request.raw_headers):
+        if any(len(name) > MAX_HEADER or len(value) > MAX_HEADER
+               for name, value in request.raw_headers):
             raise ApiError(431, "headers_too_large", f"a header must be at most {MAX_HEADER} bytes")
         admin_port = request.app[SETTINGS].admin_port if request.app[SETTINGS].admin_listen else 0
         if admin_port and (request.path in ADMIN_PATHS) != (_local_port(request) == admin_port):
@@ -65,3 +72,24 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _local_port(request: web.Request) -> int:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     return int(sockname[1]) if isinstance(sockname, tuple) else 0
+
+
+class JsonErrors(web.RequestHandler):
+    """aiohttp's connection handler, answering the contract's JSON error where aiohttp would
+    answer text/plain: a request its parser refuses never reaches the app (nor `observe`), it
+    goes straight to handle_error."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own: it logs, and raises when an answer has already begun.
+        super().handle_error(request, status, exc, message)
+        text = {400: "malformed HTTP request", 500: "internal error"}.get(status)
+        response = web.Response(
+            status=status, content_type="application/json",
+            body=error_body(status, HTTP_CODES.get(status, "error"),
+                            text or HTTPStatus(status).phrase))
+        response.force_close()
+        return response

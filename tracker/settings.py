@@ -75,10 +75,14 @@ class Settings:
     # /readyz turns 503 when this many events wait for PostgreSQL.
     backlog_limit: int = 1_000_000
     geoip_db: str = ""
-    # A header set by a trusted proxy with the visitor's ISO country code; empty to ignore.
-    country_header: str = "CF-IPCountry"
+    # A header set by a trusted proxy with the visitor's ISO country code. Empty (the
+    # default): no header is trusted, since without that proxy in front the client writes it.
+    country_header: str = ""
     # How many proxies in front of us append to X-Forwarded-For (0: use the peer address).
     proxy_hops: int = 0
+    # Connections each worker's fast path keeps open. At the cap a new connection closes the
+    # one that has waited longest for a request, or is refused when every one is mid-request.
+    max_connections: int = 10_000
     partition_days_ahead: int = 7
     retention_days: int = 0  # 0 keeps raw events forever
     log_level: str = "INFO"
@@ -120,8 +124,9 @@ class Settings:
             unique_window=_int(env, "TRACKER_UNIQUE_WINDOW", 86_400, minimum=1),
             backlog_limit=_int(env, "TRACKER_BACKLOG_LIMIT", 1_000_000, minimum=1),
             geoip_db=env.get("TRACKER_GEOIP_DB", "").strip(),
-            country_header=env.get("TRACKER_COUNTRY_HEADER", "CF-IPCountry").strip(),
+            country_header=env.get("TRACKER_COUNTRY_HEADER", "").strip(),
             proxy_hops=_int(env, "TRACKER_PROXY_HOPS", 0),
+            max_connections=_int(env, "TRACKER_MAX_CONNECTIONS", 10_000, minimum=1),
             partition_days_ahead=_int(env, "TRACKER_PARTITION_DAYS_AHEAD", 7, minimum=1),
             retention_days=_int(env, "TRACKER_RETENTION_DAYS", 0),
             log_level=env.get("TRACKER_LOG_LEVEL", "").strip().upper() or "INFO",

@@ -13,19 +13,18 @@ from aiohttp import web
 from . import logs
 from .app import IN_FLIGHT_SECONDS, create_app
 from .fastpath import FastServer, serving
+from .middleware import HANDLER_ARGS
 from .settings import Settings
 
-# The parser accepts long lines so that the app can answer 414/431 in the contract's JSON
-# instead of aiohttp's plain-text 400.
-MAX_LINE = MAX_FIELD = 65536
 # How long requests in flight may take to be answered once the worker leaves.
 SHUTDOWN_TIMEOUT = IN_FLIGHT_SECONDS
 
 
 def runner_for(app: web.Application) -> web.AppRunner:
-    return web.AppRunner(app, handle_signals=False, access_log=None,
-                         shutdown_timeout=SHUTDOWN_TIMEOUT, max_line_size=MAX_LINE,
-                         max_field_size=MAX_FIELD)
+    # The fast path makes the connection handlers itself (middleware.JsonErrors) with the same
+    # HANDLER_ARGS when it hands a connection over.
+    return web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                         **HANDLER_ARGS)
 
 
 @contextlib.asynccontextmanager

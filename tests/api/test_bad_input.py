@@ -4,11 +4,13 @@ a 500, never a stack trace."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import asyncpg
 import pytest
 from yarl import URL
 
-from ..conftest import AUTH, Running
+from ..conftest import AUTH, Running, eventually
 
 
 async def error_of(service: Running, method: str, path: str, **kwargs: object) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -82,16 +84,35 @@ async def test_wrong_method_and_oversized_url(service: Running) -> None:
     assert status == 431 and error["code"] == "headers_too_large"
 
 
-async def test_raw_non_utf8_bytes_in_the_request_line(service: Running) -> None:
-    """Bytes no client library would send: a raw socket."""
-    await service.create_campaign(slug="raw")
+async def raw_click(service: Running, request_line: bytes) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one request sent as raw bytes, which no client library would."""
     host, port = service.settings.host, service.settings.port
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"GET /c/raw?sub1=\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    writer.write(request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
     await writer.drain()
-    response = await reader.read()
+    response = await asyncio.wait_for(reader.read(), 10)
     writer.close()
-    status = int(response.split(b" ", 2)[1])
-    assert status == 400, response[:300]
-    # The HTTP parser refuses raw bytes that are not URL characters; the answer is still JSON.
-    assert b"Content-Type: application/json" in response and b'{"error":{"code":' in response
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(response.split(b" ", 2)[1]), head, body
+
+
+async def test_raw_non_utf8_bytes_in_the_request_line(service: Running,
+                                                      pg: asyncpg.Connection) -> None:
+    """Networks send raw UTF-8 in click URLs: it is read as UTF-8. Raw bytes that are not
+    UTF-8 are refused naming the parameter, as their %XX form is."""
+    await service.create_campaign(slug="raw", destination_url="https://shop.example/?s={sub1}")
+    status, head, body = await raw_click(service, b"GET /c/raw?sub1=\xff\xfe HTTP/1.1")
+    assert status == 400, head
+    assert b"Content-Type: application/json" in head
+    error = json.loads(body)["error"]
+    assert (error["code"], error["field"]) == ("invalid_encoding", "sub1")
+    status, head, _ = await raw_click(service, b"GET /c/raw?sub1=caf\xc3\xa9 HTTP/1.1")
+    assert status == 302, head
+    assert b"\r\nLocation: https://shop.example/?s=caf%C3%A9\r\n" in head
+
+
+    async def stored() -> str | None:
+        sub1: str | None = await pg.fetchval("SELECT sub1 FROM clicks")
+        return sub1
+
+    assert await eventually(stored) == "café"

@@ -6,6 +6,7 @@ import asyncio
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+from multidict import CIMultiDict
 
 from tracker.settings import Settings
 
@@ -216,6 +217,57 @@ async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
         rows = await eventually(three)
         assert rows is not None
         assert [str(r["ip"]) for r in rows] == ["198.51.100.0", "2001:db8:1234::", "127.0.0.0"]
+    finally:
+        await running.close()
+        await runner.cleanup()
+
+
+async def test_every_x_forwarded_for_line_counts_on_both_servers(settings: Settings,
+                                                                 pg: asyncpg.Connection) -> None:
+    """A proxy that adds its own X-Forwarded-For line (instead of appending to the client's)
+    must not let the client's line name the visitor: the lines are one list, in order."""
+    runner, running = await start(settings.with_(proxy_hops=1))
+    lines = CIMultiDict([("X-Forwarded-For", "203.0.113.9"),          # the client's own
+                         ("X-Forwarded-For", "10.0.0.1, 198.51.100.77")])  # the proxy's
+    try:
+        await running.create_campaign(slug="xff2")
+        await running.click("xff2", headers=lines)                                  # fast path
+        async with running.http.get(running.url("/c/xff2"), allow_redirects=False,
+                                    headers=lines) as r:                            # aiohttp
+            assert r.status == 302
+
+        async def two() -> list[asyncpg.Record] | None:
+            rows = await clicks_in_db(pg)
+            return rows if len(rows) == 2 else None
+
+        rows = await eventually(two)
+        assert rows is not None
+        assert [str(r["ip"]) for r in rows] == ["198.51.100.0", "198.51.100.0"]
+    finally:
+        await running.close()
+        await runner.cleanup()
+
+
+async def test_the_country_header_is_trusted_only_when_configured(settings: Settings,
+                                                                  pg: asyncpg.Connection) -> None:
+    """Without a proxy in front that sets it, CF-IPCountry is whatever the client wrote: by
+    default no country header is trusted, on either server."""
+    assert Settings.from_env({}).country_header == ""
+    runner, running = await start(settings.with_(country_header=Settings().country_header))
+    try:
+        await running.create_campaign(slug="nocountry")
+        await running.click("nocountry", headers={"CF-IPCountry": "TR"})      # fast path
+        async with running.http.get(running.url("/c/nocountry"), allow_redirects=False,
+                                    headers={"CF-IPCountry": "TR"}) as r:    # aiohttp
+            assert r.status == 302
+
+        async def two() -> list[asyncpg.Record] | None:
+            rows = await clicks_in_db(pg)
+            return rows if len(rows) == 2 else None
+
+        rows = await eventually(two)
+        assert rows is not None
+        assert [r["country"] for r in rows] == ["", ""]
     finally:
         await running.close()
         await runner.cleanup()

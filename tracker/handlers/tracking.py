@@ -128,7 +128,8 @@ def hit_of(request: web.Request) -> Hit:
         user_agent=headers.get("User-Agent", ""),
         referer=headers.get("Referer", ""),
         visitor_cookie=request.cookies.get(VISITOR_COOKIE, ""),
-        forwarded_for=headers.get("X-Forwarded-For", ""),
+        # Every line, in order: a proxy may add a line instead of appending to the client's.
+        forwarded_for=",".join(headers.getall("X-Forwarded-For", ())),
         country_header=headers.get(country_header, "") if country_header else "",
     )
 
