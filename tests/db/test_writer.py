@@ -291,3 +291,28 @@ async def _holds(writer: BatchWriter) -> bool:
 
 async def _stored(pg: asyncpg.Connection, n: int) -> bool:
     return bool(await pg.fetchval("SELECT count(*) FROM clicks") == n)
+
+
+async def test_a_batch_read_after_the_last_heartbeat_is_claimed_not_orphaned(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """A writer says it is alive, reads a batch a moment later and dies: when its heartbeat
+    expires, that batch is younger than the claim time. It must wait to be claimed; removing
+    its consumer from the group would drop the entries from the pending list for good."""
+    s = quiet_service
+    c = await s.create_campaign(slug="orphan")
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    keys = Keys(s.settings.redis_prefix)
+    await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(20)])
+    dying = writer_for(s.settings, redis, claim_idle_ms=400)
+    await dying.ensure_group()
+    await dying._alive()
+    await asyncio.sleep(0.3)
+    assert len(await dying._read(">")) == 20  # then it died
+    await asyncio.sleep(0.15)  # its heartbeat has expired; its batch is 150 ms old
+    live = writer_for(s.settings, redis, claim_idle_ms=400)
+    deadline = asyncio.get_running_loop().time() + 10
+    while await redis.xlen(keys.stream) and asyncio.get_running_loop().time() < deadline:
+        await live.step(block=False)
+        await asyncio.sleep(0.05)
+    assert await counts(pg) == (20, 0, 20, 0)
+    await redis.aclose()

@@ -59,6 +59,16 @@ return #ARGV - 1
 """
 
 
+# Removes a consumer from the group only if it is gone (no heartbeat) and holds nothing:
+# DELCONSUMER drops the pending entries of the consumer it deletes, so checking and deleting
+# must be one step (a restarted writer of the same name could read a batch in between).
+# KEYS: stream, the consumer's heartbeat key; ARGV: group, consumer
+REMOVE_IF_GONE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -2 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
 # A read at least this full means load: worth lingering for a fuller batch.
 LINGER_FROM = 32
 
@@ -92,6 +102,7 @@ class BatchWriter:
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Entry] = []
         self._ack_script = redis.register_script(ACK_AND_DELETE)
+        self._remove_script = redis.register_script(REMOVE_IF_GONE)
         self._warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -218,19 +229,20 @@ class BatchWriter:
         for consumer, is_alive in zip(consumers, alive):
             if is_alive:
                 continue
-            name, pending = _s(consumer["name"]), int(consumer["pending"])
-            if pending and len(entries) < self.batch_size:
+            name = _s(consumer["name"])
+            if int(consumer["pending"]) and len(entries) < self.batch_size:
                 ids: list[Any] = [p["message_id"] for p in await self._redis.xpending_range(
                     stream, group, min="-", max="+", count=self.batch_size - len(entries),
                     consumername=name)]
-                # min_idle_time: of two writers claiming at once, only the first gets them.
+                # Heartbeats come every quarter of claim_idle_ms, so every entry of a writer
+                # whose key expired is older than three quarters of it: half takes them all,
+                # while a second writer claiming within that half gets none of them.
                 claimed: Any = await self._redis.xclaim(
-                    stream, group, self.consumer, min_idle_time=self.claim_idle_ms,
+                    stream, group, self.consumer, min_idle_time=self.claim_idle_ms // 2,
                     message_ids=ids)
                 entries += [(_s(i), f) for i, f in claimed if f]
-                pending -= len(ids)
-            if pending <= 0:
-                await self._redis.xgroup_delconsumer(stream, group, name)
+            await self._remove_script(keys=[stream, self._keys.writer_alive(name)],
+                                      args=[group, name])
         if entries:
             metrics.EVENTS_CLAIMED.inc(len(entries))
             log.info("claimed %d pending events from writers that are gone", len(entries))
