@@ -250,6 +250,7 @@ async def test_sigkill_of_every_process_then_a_restart_recovers_at_once(
               f"{recovered_in:.2f} s after the restart (process start included)")
         await asyncio.sleep(0.5)  # anything doubled would show up now
         await exactly_once(pg, answered, exact=False)
+        await again.healthy()  # (a SIGTERM before its handler exists would just kill it)
         again.stop()
     finally:
         if again is not None:
