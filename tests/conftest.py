@@ -378,7 +378,12 @@ class Served:
         return time.monotonic() - started
 
     async def close(self, redis: aioredis.Redis | None = None) -> None:
+        """Whatever is left of it (a test that failed half-way): the supervisor and every
+        process under it."""
         if self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    child.kill()
             self.proc.kill()
             self.proc.wait()
         if redis is not None:

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tracker.ids import uuid_to_id
+from tracker.ids import new_id, uuid_to_id
 from tracker.ingest.buffer import Keys
 
 from tracker.settings import Settings
@@ -46,21 +46,36 @@ async def exactly_once(pg: asyncpg.Connection, answered: set[str], *, exact: boo
     unique_raw = await pg.fetchval("SELECT count(*) FROM clicks WHERE is_unique AND NOT is_bot")
     unique_rolled = await pg.fetchval("SELECT sum(unique_clicks) FROM rollup_15m")
     assert (rolled, unique_rolled) == (raw, unique_raw)
+    # Returning visitors: each one unique exactly once, however often its clicks were
+    # replayed or claimed on the way in; every other click of theirs a duplicate.
+    visitors = await pg.fetchval("SELECT count(DISTINCT visitor_id) FROM clicks")
+    per_visitor = await pg.fetch(
+        "SELECT count(*) FILTER (WHERE is_unique) AS unique FROM clicks GROUP BY visitor_id")
+    assert {r["unique"] for r in per_visitor} == {1}
+    assert unique_raw == visitors < raw
+
+
+# Each visitor clicks this many times: one unique click each, the rest duplicates.
+CLICKS_PER_VISITOR = 4
 
 
 async def burst(base: str, slug: str, n: int, concurrency: int = 100,
                 tries: int = 200) -> set[str]:
-    """n clicks, `concurrency` at a time; the click ids of those answered 302 (retrying a click
+    """n clicks, `concurrency` at a time, by n / CLICKS_PER_VISITOR returning visitors (each
+    sends its own visitor cookie); the click ids of those answered 302 (retrying a click
     whose connection broke, as a browser would; with tries=1, a click that fails is given up)."""
     answered: set[str] = set()
     limit = asyncio.Semaphore(concurrency)
+    visitors = [str(new_id()) for _ in range(max(1, n // CLICKS_PER_VISITOR))]
     async with aiohttp.ClientSession(headers={"User-Agent": BROWSER},
                                      cookie_jar=aiohttp.DummyCookieJar()) as http:
         async def one(i: int) -> None:
+            cookie = {"Cookie": f"tv={visitors[min(i // CLICKS_PER_VISITOR, len(visitors) - 1)]}"}
             async with limit:
                 for _ in range(tries):
                     try:
-                        async with http.get(f"{base}/c/{slug}?sub1={i}", allow_redirects=False) as r:
+                        async with http.get(f"{base}/c/{slug}?sub1={i}", headers=cookie,
+                                            allow_redirects=False) as r:
                             if r.status == 302:
                                 answered.add(parse_qs(urlsplit(r.headers["Location"]).query)["cid"][0])
                                 return
