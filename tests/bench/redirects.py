@@ -136,7 +136,8 @@ async def nominal_delay(base: str, slug: str, pg: asyncpg.Connection, rate: int,
 
 async def run(args: argparse.Namespace) -> None:
     data = Path(tempfile.mkdtemp(prefix="trkb"))
-    with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as (db_url, redis_url):
+    with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as found:
+        db_url, redis_url = found.database_url, found.redis_url
         # 1. The baseline: a bare aiohttp 302, same process count.
         port = free_port()
         ctx = multiprocessing.get_context("spawn")

@@ -42,7 +42,8 @@ def synthetic(n: int) -> list[dict[str, object]]:
 
 async def run(args: argparse.Namespace) -> None:
     data = Path(tempfile.mkdtemp(prefix="trkw"))
-    with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as (db_url, redis_url):
+    with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as found:
+        db_url, redis_url = found.database_url, found.redis_url
         await migrate(db_url)
         conn = await db.connect(db_url)
         today = datetime.now(UTC).date()
