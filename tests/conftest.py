@@ -73,10 +73,16 @@ def _processes_of_this_session() -> dict[int, psutil.Process]:
 
 def _left_behind(before: set[int]) -> str:
     """Processes started since `before` still running after a grace period: described, then
-    killed. Empty when there are none."""
+    killed. Empty when there are none. A child of a process that was already there (a
+    connection's backend of the session's own PostgreSQL) is that server's, not the test's:
+    killing a backend would send PostgreSQL into crash recovery."""
     deadline = time.monotonic() + LEAK_WAIT_SECONDS
     while True:
-        left = [p for pid, p in _processes_of_this_session().items() if pid not in before]
+        left = []
+        for pid, process in _processes_of_this_session().items():
+            with contextlib.suppress(psutil.Error):
+                if pid not in before and process.ppid() not in before:
+                    left.append(process)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -222,6 +223,24 @@ async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
         await runner.cleanup()
 
 
+async def clicked_on_both_servers(running: Running, pg: asyncpg.Connection, slug: str,
+                                  headers: Any) -> list[asyncpg.Record]:
+    """One click through the fast path, one through aiohttp (the connection that made the
+    campaign was handed to it), with the same headers; the two stored rows."""
+    await running.click(slug, headers=headers)
+    async with running.http.get(running.url(f"/c/{slug}"), allow_redirects=False,
+                                headers=headers) as r:
+        assert r.status == 302
+
+    async def two() -> list[asyncpg.Record] | None:
+        rows = await clicks_in_db(pg)
+        return rows if len(rows) == 2 else None
+
+    rows = await eventually(two)
+    assert rows is not None
+    return rows
+
+
 async def test_every_x_forwarded_for_line_counts_on_both_servers(settings: Settings,
                                                                  pg: asyncpg.Connection) -> None:
     """A proxy that adds its own X-Forwarded-For line (instead of appending to the client's)
@@ -231,17 +250,7 @@ async def test_every_x_forwarded_for_line_counts_on_both_servers(settings: Setti
                          ("X-Forwarded-For", "10.0.0.1, 198.51.100.77")])  # the proxy's
     try:
         await running.create_campaign(slug="xff2")
-        await running.click("xff2", headers=lines)                                  # fast path
-        async with running.http.get(running.url("/c/xff2"), allow_redirects=False,
-                                    headers=lines) as r:                            # aiohttp
-            assert r.status == 302
-
-        async def two() -> list[asyncpg.Record] | None:
-            rows = await clicks_in_db(pg)
-            return rows if len(rows) == 2 else None
-
-        rows = await eventually(two)
-        assert rows is not None
+        rows = await clicked_on_both_servers(running, pg, "xff2", lines)
         assert [str(r["ip"]) for r in rows] == ["198.51.100.0", "198.51.100.0"]
     finally:
         await running.close()
@@ -256,17 +265,7 @@ async def test_the_country_header_is_trusted_only_when_configured(settings: Sett
     runner, running = await start(settings.with_(country_header=Settings().country_header))
     try:
         await running.create_campaign(slug="nocountry")
-        await running.click("nocountry", headers={"CF-IPCountry": "TR"})      # fast path
-        async with running.http.get(running.url("/c/nocountry"), allow_redirects=False,
-                                    headers={"CF-IPCountry": "TR"}) as r:    # aiohttp
-            assert r.status == 302
-
-        async def two() -> list[asyncpg.Record] | None:
-            rows = await clicks_in_db(pg)
-            return rows if len(rows) == 2 else None
-
-        rows = await eventually(two)
-        assert rows is not None
+        rows = await clicked_on_both_servers(running, pg, "nocountry", {"CF-IPCountry": "TR"})
         assert [r["country"] for r in rows] == ["", ""]
     finally:
         await running.close()
