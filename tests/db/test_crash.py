@@ -9,9 +9,7 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
