@@ -229,10 +229,9 @@ class Supervisor:
                 process.join()
 
 
-def banner(settings: Settings, found: Servers) -> str:
+def banner(settings: Settings, found: Servers, token_given: bool) -> str:
     data = settings.data_dir.resolve()
-    token = (f"in {data / 'api-token'}" if not os.environ.get("TRACKER_API_TOKEN")
-             else "from TRACKER_API_TOKEN")
+    token = "from TRACKER_API_TOKEN" if token_given else f"in {data / 'api-token'}"
     embedded = " and ".join(found.embedded)
     lines = [
         f"tracker serving {settings.base_url} ({settings.workers} workers on {settings.listen})",
@@ -264,6 +263,7 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         with lock, servers(settings.database_url, settings.redis_url, settings.data_dir) as found:
+            token_given = bool(settings.api_token)
             settings = settings.with_(database_url=found.database_url, redis_url=found.redis_url,
                                       api_token=api_token(settings))
             migrations = Migrations(settings.database_url)
@@ -274,7 +274,7 @@ def serve(settings: Settings) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(settings))
             supervisor = Supervisor(settings)
             supervisor.start_all()
-            print(banner(settings, found), flush=True)
+            print(banner(settings, found, token_given), flush=True)
             next_check = 0.0
             while not stopping and migrations.failed is None:
                 time.sleep(TICK_SECONDS)
