@@ -2,8 +2,9 @@
 
 XREADGROUP up to N events (or what came within T ms) → one transaction that COPYs them in,
 inserts what is new and folds it into rollups → COMMIT → XACK + XDEL. A crash anywhere before
-the XACK leaves the entries pending; this writer retries them, or, if it died, another claims
-them (XAUTOCLAIM) and the replay inserts nothing twice. Knows nothing of HTTP.
+the XACK leaves the entries pending; this writer retries them, the next worker of its slot
+reads them at start, or, once its heartbeat has expired, another writer claims them; the
+replay inserts nothing twice. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class BatchWriter:
         self._ack_script = redis.register_script(ACK_AND_DELETE)
         self._remove_script = redis.register_script(REMOVE_IF_GONE)
         self._warned: set[str] = set()
+        # Looked up once: the loop sets them on every step.
+        self._up = {b: metrics.BACKEND_UP.labels(b) for b in ("postgres", "redis")}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -119,20 +122,19 @@ class BatchWriter:
         that waits out a PostgreSQL outage holding a batch is busy, not dead."""
         heartbeat = asyncio.create_task(self._heartbeat(), name="writer-heartbeat")
         try:
-            await self._until_ok(self._alive)
-            await self._until_ok(self.ensure_group)
-            # Our own pending entries: what this slot read before it was killed.
-            self._held = await self._until_ok(lambda: self._read("0"))
-        except _Stopped:
-            heartbeat.cancel()
-            return
-        try:
+            try:
+                await self._until_ok(self._alive)
+                await self._until_ok(self.ensure_group)
+                # Our own pending entries: what this slot read before it was killed.
+                self._held = await self._until_ok(lambda: self._read("0"))
+            except _Stopped:
+                return
             backoff = 0.05
             while not self._stopping.is_set():
                 try:
                     if await self.step():
-                        metrics.BACKEND_UP.labels("postgres").set(1)
-                    metrics.BACKEND_UP.labels("redis").set(1)
+                        self._up["postgres"].set(1)
+                    self._up["redis"].set(1)
                     backoff = 0.05
                     self._recovered()
                 except asyncio.CancelledError:
@@ -360,7 +362,7 @@ class BatchWriter:
 
     def _note_failure(self, exc: BaseException, count: bool = True) -> None:
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
-        metrics.BACKEND_UP.labels(backend).set(0)
+        self._up[backend].set(0)
         if count:
             metrics.BATCH_FAILURES.inc()
             metrics.BACKEND_ERRORS.labels(backend).inc()
