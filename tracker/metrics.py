@@ -69,9 +69,15 @@ BACKLOG_AGE = Gauge(
     "tracker_write_backlog_oldest_age_seconds", "Age of the oldest event not yet in PostgreSQL",
     multiprocess_mode="mostrecent",
 )
-# A family of the contract's; its tries start with conversions' outbound postbacks.
 POSTBACKS = Counter(
-    "tracker_outbound_postbacks_total", "Outbound postback tries by outcome", ["outcome"]
+    "tracker_outbound_postbacks_total",
+    "Outbound postback tries by outcome (delivered, retry, failed, refused)", ["outcome"]
+)
+POSTBACK_LAG = Histogram(
+    "tracker_outbound_postback_lag_seconds",
+    "From a conversion's change being stored to its outbound postback delivered",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0,
+             86400.0),
 )
 BACKEND_ERRORS = Counter(
     "tracker_backend_errors_total", "Errors talking to PostgreSQL or Redis", ["backend"]
@@ -99,6 +105,11 @@ class DropReason(StrEnum):
     BUFFER_UNAVAILABLE = "buffer_unavailable"
     NOT_READY = "not_ready"  # campaigns not loaded yet (PostgreSQL away since start, no snapshot)
     INTERNAL_ERROR = "internal_error"
+    # Conversions only.
+    UNKNOWN_CLICK = "unknown_click"
+    INVALID_TRANSITION = "invalid_transition"
+    UNAUTHORIZED = "unauthorized"
+    CURRENCY_UNSUPPORTED = "currency_unsupported"
 
 
 def dropped(kind: str, reason: DropReason) -> None:

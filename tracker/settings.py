@@ -86,6 +86,20 @@ class Settings:
     partition_days_ahead: int = 7
     retention_days: int = 0  # 0 keeps raw events forever
     log_level: str = "INFO"
+    # Conversions: how long Redis keeps a click's conversion states (the fast answer to a
+    # repeated postback; older ones are read from PostgreSQL).
+    conversion_state_ttl: int = 7 * 86_400
+    # HMAC-signed postbacks: how far a signature's timestamp may be from our clock.
+    signature_tolerance_seconds: int = 300
+    # Outbound postbacks: each try's timeout, the first retry's delay (doubled each try, with
+    # jitter, capped at an hour), how long to keep trying, and whether targets on private,
+    # loopback or link-local addresses are allowed (off: no requests into our own network).
+    postback_timeout_seconds: int = 10
+    postback_backoff_ms: int = 30_000
+    postback_retry_hours: int = 24
+    postback_allow_private: bool = False
+    # Multi-touch attribution: how far back a conversion's touches are looked for.
+    attribution_lookback_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -130,6 +144,15 @@ class Settings:
             partition_days_ahead=_int(env, "TRACKER_PARTITION_DAYS_AHEAD", 7, minimum=1),
             retention_days=_int(env, "TRACKER_RETENTION_DAYS", 0),
             log_level=env.get("TRACKER_LOG_LEVEL", "").strip().upper() or "INFO",
+            conversion_state_ttl=_int(env, "TRACKER_CONVERSION_STATE_TTL", 7 * 86_400,
+                                      minimum=3600),
+            signature_tolerance_seconds=_int(env, "TRACKER_SIGNATURE_TOLERANCE", 300, minimum=1),
+            postback_timeout_seconds=_int(env, "TRACKER_POSTBACK_TIMEOUT", 10, minimum=1),
+            postback_backoff_ms=_int(env, "TRACKER_POSTBACK_BACKOFF_MS", 30_000, minimum=1),
+            postback_retry_hours=_int(env, "TRACKER_POSTBACK_RETRY_HOURS", 24, minimum=1),
+            postback_allow_private=_bool(env, "TRACKER_POSTBACK_ALLOW_PRIVATE", False),
+            attribution_lookback_days=_int(env, "TRACKER_ATTRIBUTION_LOOKBACK_DAYS", 30,
+                                           minimum=1),
         )
 
     @property
