@@ -17,19 +17,25 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import date
+from decimal import Decimal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from aiohttp import web
 
 from . import routes
 from .campaign_cache import CampaignCache
+from .conversion.record import ConversionRecorder, Unsupported
+from .conversion.params import ConversionInput
+from .campaigns import Campaign
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
-from .keys import (BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER,
-                   UPKEEP, WORKER_SLOT, WRITER)
+from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS,
+                   TRACKER, UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
 from .settings import Settings
 from .storage import db
@@ -96,6 +102,30 @@ async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
     await cache.stop()
 
 
+class _SameCurrency:
+    async def convert(self, amount: Decimal, from_currency: str, to_currency: str,
+                      day: date) -> Decimal:
+        if from_currency != to_currency:
+            raise Unsupported(f"no exchange rate from {from_currency} to {to_currency}")
+        return amount
+
+
+async def _no_check(campaign: Campaign, ask: ConversionInput) -> None:
+    return None
+
+
+async def conversions(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    recorder = ConversionRecorder(app[BUFFER], app[REDIS_KEYS], app[PG], app[CAMPAIGNS],
+                                  _SameCurrency(), _no_check, settings.conversion_state_ttl)
+    app[CONVERSIONS] = recorder
+    try:
+        await recorder.mark_complete_from_now()
+    except RedisError:
+        pass  # Redis away: the first conversion recorded sets the mark
+    yield
+
+
 async def partitions(app: web.Application) -> AsyncIterator[None]:
     # In the background: a worker starts and answers whatever upkeep meets (see upkeep.py).
     settings = app[SETTINGS]
@@ -147,6 +177,7 @@ def create_app(settings: Settings, *, run_writer: bool = True, slot: int = 0) ->
     app[RUN_WRITER] = run_writer
     app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
-        [postgres, redis_client, tracking, campaign_cache, partitions, batch_writer])
+        [postgres, redis_client, tracking, campaign_cache, conversions, partitions,
+         batch_writer])
     routes.setup(app)
     return app

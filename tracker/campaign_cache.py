@@ -41,7 +41,8 @@ RETRY_CAP_SECONDS = 5.0
 # longer than any announcement or refresh takes.
 RECENT_SECONDS = 300
 SNAPSHOT_FIELDS = ("id", "slug", "status", "destination_url", "rotation", "fallback_url",
-                   "cost_model", "cost_value", "currency")
+                   "cost_model", "cost_value", "currency", "payouts", "postback_url",
+                   "postback_token", "postback_secrets", "postback_on")
 
 
 class CampaignCache:
@@ -54,6 +55,9 @@ class CampaignCache:
         self._snapshot = snapshot
         self._refresh_seconds = refresh_seconds
         self._by_slug: dict[str, Campaign] = {}
+        self._by_id: dict[int, Campaign] = {}
+        # Deleted campaigns met by conversions of their old clicks, loaded once.
+        self._gone: dict[int, Campaign] = {}
         self._version: str | None = None
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,6 +86,24 @@ class CampaignCache:
     def get(self, slug: str) -> Campaign | None:
         return self._by_slug.get(slug)
 
+    def _set(self, by_slug: dict[str, Campaign]) -> None:
+        self._by_slug = by_slug
+        self._by_id = {c.id: c for c in by_slug.values()}
+
+    async def by_id(self, campaign_id: int) -> Campaign | None:
+        """The campaign of a click, for its conversions: live ones from memory; one that is
+        not there (deleted, or made a moment ago elsewhere) from PostgreSQL."""
+        campaign = self._by_id.get(campaign_id) or self._gone.get(campaign_id)
+        if campaign is not None:
+            return campaign
+        row = await store.get_any(self._pool, campaign_id)
+        if row is None:
+            return None
+        campaign = Campaign.from_row(row)
+        if row["deleted_at"] is not None:
+            self._gone[campaign_id] = campaign
+        return campaign
+
     async def find(self, slug: str) -> Campaign | None:
         """A slug not in memory: made a moment ago through another worker, or unknown. One
         Redis read decides; never a PostgreSQL query."""
@@ -99,7 +121,7 @@ class CampaignCache:
             return None
         if campaign.slug != slug:
             return None
-        self._by_slug = self._by_slug | {slug: campaign}
+        self._set(self._by_slug | {slug: campaign})
         return campaign
 
     # -- loading ---------------------------------------------------------------------------
@@ -111,7 +133,7 @@ class CampaignCache:
             if version == self._version:
                 return False
             rows = await store.all_live(self._pool)
-            self._by_slug = {r["slug"]: Campaign.from_row(r) for r in rows}
+            self._set({r["slug"]: Campaign.from_row(r) for r in rows})
             self._version = version
             self.loaded = True
         await self._save_snapshot(rows)
@@ -128,7 +150,7 @@ class CampaignCache:
             by_slug = {slug: c for slug, c in self._by_slug.items() if c.id != campaign_id}
             if row is not None:
                 by_slug[row["slug"]] = Campaign.from_row(row)
-            self._by_slug = by_slug
+            self._set(by_slug)
             # The next refresh compares versions again and saves the snapshot.
             self._version = None
         return row
@@ -171,7 +193,7 @@ class CampaignCache:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("the campaign snapshot %s is unreadable: %r", self._snapshot, exc)
             return
-        self._by_slug = campaigns
+        self._set(campaigns)
         self.loaded = True
         log.warning("PostgreSQL is away: serving %d campaigns as last known (%s)",
                     len(campaigns), self._snapshot)

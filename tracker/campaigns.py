@@ -24,8 +24,12 @@ COST_MODELS = ("cpc", "cpm", "cpa", "revshare", "none")
 STATUSES = ("active", "paused")
 FIELDS = frozenset(
     ["slug", "name", "destination_url", "rotation", "fallback_url", "cost_model",
-     "cost_value", "currency", "payouts", "postback_url", "status"]
+     "cost_value", "currency", "payouts", "postback_url", "status", "postback_token",
+     "postback_secrets", "postback_on"]
 )
+POSTBACK_ON = ("all", "approved")
+MIN_SECRET = 16
+MAX_SECRETS = 2
 MAX_ROTATION = 100
 
 
@@ -119,6 +123,22 @@ def _payouts(value: Any) -> list[dict[str, str]]:
     return out
 
 
+def _secrets(value: Any) -> list[str]:
+    """Up to two HMAC keys: two, so that a network can move to a new key while postbacks
+    signed with the old one still arrive."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_SECRETS:
+        raise bad_request("invalid_secrets", f"postback_secrets must be a list of at most "
+                          f"{MAX_SECRETS} strings", "postback_secrets")
+    for i, secret in enumerate(value):
+        if not isinstance(secret, str) or not MIN_SECRET <= len(secret) <= 255 \
+                or not secret.isascii() or not secret.isprintable():
+            raise bad_request("invalid_secret", f"postback_secrets[{i}] must be {MIN_SECRET} to "
+                              "255 printable ASCII characters", f"postback_secrets[{i}]")
+    return list(value)
+
+
 def validate(body: Any, *, partial: bool) -> dict[str, Any]:
     """The clean column values of a create (partial=False) or patch (partial=True) body."""
     if not isinstance(body, dict):
@@ -168,6 +188,21 @@ def validate(body: Any, *, partial: bool) -> dict[str, Any]:
         clean["postback_url"] = (
             None if body["postback_url"] is None
             else _url(body["postback_url"], "postback_url", POSTBACK_MACROS))
+    if "postback_token" in body:
+        token = body["postback_token"]
+        if token is not None:
+            token = _str(body, "postback_token", 255)
+            if not token or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in token):
+                raise bad_request("invalid_token", "postback_token must be printable, without "
+                                  "spaces", "postback_token")
+        clean["postback_token"] = token
+    if "postback_secrets" in body:
+        clean["postback_secrets"] = _secrets(body["postback_secrets"])
+    if "postback_on" in body:
+        if body["postback_on"] not in POSTBACK_ON:
+            raise bad_request("invalid_postback_on", "postback_on must be all or approved",
+                              "postback_on")
+        clean["postback_on"] = body["postback_on"]
     if "status" in body:
         if body["status"] not in STATUSES:
             raise bad_request("invalid_status", "status must be active or paused", "status")
@@ -206,6 +241,12 @@ class Campaign:
     # events carry (money.to_str), made once per load rather than once per event.
     click_cost: str
     impression_cost: str
+    # Conversions: event → ("amount" | "percent", value); the outbound postback.
+    payouts: dict[str, tuple[str, Decimal]]
+    postback_url: Template | None
+    postback_token: str | None
+    postback_secrets: tuple[str, ...]
+    postback_on: str
 
     @classmethod
     def from_row(cls, row: Any) -> Campaign:
@@ -227,6 +268,11 @@ class Campaign:
             cumulative=tuple(cumulative),
             click_cost=money.to_str(cost) if row["cost_model"] == "cpc" else "0",
             impression_cost=money.to_str(money.per_mille(cost)) if row["cost_model"] == "cpm" else "0",
+            payouts=_payout_rules(_get(row, "payouts") or []),
+            postback_url=compile_template(url) if (url := _get(row, "postback_url")) else None,
+            postback_token=_get(row, "postback_token"),
+            postback_secrets=tuple(_get(row, "postback_secrets") or ()),
+            postback_on=_get(row, "postback_on") or "all",
         )
 
     def pick(self, rng: random.Random) -> tuple[str, Template]:
@@ -234,6 +280,22 @@ class Campaign:
             return self.targets[0]
         point = rng.randrange(self.cumulative[-1])
         return self.targets[bisect.bisect_right(self.cumulative, point)]
+
+
+def _get(row: Any, name: str) -> Any:
+    """A field a snapshot written by an older version may lack."""
+    try:
+        return row[name]
+    except KeyError:
+        return None
+
+
+def _payout_rules(payouts: list[dict[str, str]]) -> dict[str, tuple[str, Decimal]]:
+    rules = {}
+    for rule in payouts:
+        kind = "amount" if "amount" in rule else "percent"
+        rules[rule["event"]] = (kind, Decimal(rule[kind]))
+    return rules
 
 
 def to_json(row: Any, base_url: str) -> dict[str, Any]:
@@ -251,6 +313,9 @@ def to_json(row: Any, base_url: str) -> dict[str, Any]:
         "currency": row["currency"],
         "payouts": row["payouts"] or [],
         "postback_url": row["postback_url"],
+        "postback_token": row["postback_token"],
+        "postback_secrets": list(row["postback_secrets"] or []),
+        "postback_on": row["postback_on"],
         "status": row["status"],
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from .campaign_cache import CampaignCache
+from .conversion.record import ConversionRecorder
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.track import RequestTracker
 from .ingest.writer import BatchWriter
@@ -21,6 +22,7 @@ CAMPAIGNS = web.AppKey("campaigns", CampaignCache)
 BUFFER = web.AppKey("buffer", EventBuffer)
 TRACKER = web.AppKey("tracker", RequestTracker)
 WRITER = web.AppKey("writer", BatchWriter)
+CONVERSIONS = web.AppKey("conversions", ConversionRecorder)
 UPKEEP = web.AppKey("upkeep", PartitionUpkeep)
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)

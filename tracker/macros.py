@@ -11,7 +11,12 @@ CLICK_MACROS = frozenset(
     ["click_id", "campaign", "pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id",
      "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content"]
 )
-POSTBACK_MACROS = frozenset(["ext_click_id", "click_id", "payout", "event", "txid", "status"])
+POSTBACK_MACROS = frozenset(
+    ["ext_click_id", "click_id", "payout", "event", "txid", "status", "currency",
+     "conversion_id", "campaign", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
+     "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id",
+     "gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid"]
+)
 
 _MACRO = re.compile(r"\{([^{}]*)\}")
 # A placeholder that cannot occur in a real URL, to see where macros sit in a template.

@@ -18,7 +18,9 @@ from .common import json_response
 
 BUCKET = timedelta(minutes=15)
 MAX_RANGE = timedelta(days=3660)
-COUNTS = ("impressions", "clicks", "unique_clicks", "bot_clicks")
+COUNTS = ("impressions", "clicks", "unique_clicks", "bot_clicks", "conversions",
+          "pending_conversions")
+AMOUNTS = ("cost", "revenue", "pending_revenue")
 
 
 def _zone(raw: str) -> ZoneInfo:
@@ -60,15 +62,17 @@ def _ratio(num: Decimal | int, den: Decimal | int) -> float | None:
 def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
     impressions, clicks = sums["impressions"], sums["clicks"]
     cost: Decimal = sums["cost"]
-    conversions = 0
-    revenue = Decimal(0)
+    conversions = sums["conversions"]
+    revenue: Decimal = sums["revenue"]
     return {
         "impressions": impressions,
         "clicks": clicks,
         "unique_clicks": sums["unique_clicks"],
         "bot_clicks": sums["bot_clicks"],
         "conversions": conversions,
+        "pending_conversions": sums["pending_conversions"],
         "revenue": money.to_str(revenue),
+        "pending_revenue": money.to_str(sums["pending_revenue"]),
         "cost": money.to_str(cost),
         "profit": money.to_str(revenue - cost),
         "ctr": _ratio(clicks, impressions),
@@ -113,6 +117,10 @@ async def get(request: web.Request) -> web.Response:
     if end - start > MAX_RANGE:
         raise bad_request("invalid_range", "a report spans at most 3660 days", "from")
     group_by = _group_by(request)
+    date_basis = q.get("date_basis", "conversion") or "conversion"
+    if date_basis not in store.DATE_BASES:
+        raise bad_request("invalid_date_basis", "date_basis must be conversion or click",
+                          "date_basis")
     pool = request.app[PG]
     campaign_ids = None
     if q.get("campaign"):
@@ -120,30 +128,37 @@ async def get(request: web.Request) -> web.Response:
     pub = q.get("pub") if "pub" in q else None
     if not await store.zone_known(pool, tz_name):
         raise bad_request("invalid_tz", f"tz {tz_name!r} is not known to the database", "tz")
-    query = store.ReportQuery(start, end, tz_name, group_by, campaign_ids, pub)
+    query = store.ReportQuery(start, end, tz_name, group_by, campaign_ids, pub, date_basis)
     records = [dict(r) for r in await store.run(pool, query)] if campaign_ids != [] else []
     names = {}
     if "campaign" in group_by and records:
         names = await campaign_store.labels(pool, sorted({r["campaign"] for r in records}))
     rows = []
-    totals: dict[str, Any] = {k: 0 for k in COUNTS} | {"cost": Decimal(0)}
+    totals: dict[str, Any] = {k: 0 for k in COUNTS} | {k: Decimal(0) for k in AMOUNTS}
+    currencies: set[str | None] = set()
     for record in records:
         if all(record[k] is None for k in COUNTS):
             continue  # no bucket matched: an ungrouped sum over nothing
-        sums = {k: int(record[k] or 0) for k in COUNTS} | {"cost": record["cost"] or Decimal(0)}
+        sums = ({k: int(record[k] or 0) for k in COUNTS}
+                | {k: record[k] or Decimal(0) for k in AMOUNTS})
         for k in totals:
             totals[k] += sums[k]
+        currency = record["currency"].strip() if record["currency"] else None
+        currencies.add(currency)
         row: dict[str, Any] = {}
         for g in group_by:
             row |= _key(g, record[g], zone, names)
-        rows.append(row | metrics_of(sums))
+        # The money of a row is in its campaigns' currency; null when they differ.
+        rows.append(row | metrics_of(sums) | {"currency": currency})
     return json_response({
         "from": start.isoformat().replace("+00:00", "Z"),
         "to": end.isoformat().replace("+00:00", "Z"),
         "tz": tz_name,
         "group_by": list(group_by),
+        "date_basis": date_basis,
         "rows": rows,
-        "totals": metrics_of(totals),
+        "totals": metrics_of(totals) | {
+            "currency": next(iter(currencies)) if len(currencies) == 1 else None},
     })
 
 

@@ -38,6 +38,29 @@ return 0
 """
 
 
+# Records a conversion's new state if nobody changed it since it was read (compare and set on
+# its version): concurrent postbacks for one conversion are decided one after the other, and
+# the loser reads the winner's state and decides again (a duplicate, usually). The stream
+# entry and the state are written together, so a state never exists for an unbuffered event.
+# KEYS: 1 stream, 2 the click's conversion states (a hash), 3 the "complete since" marker,
+#       4 the conversion id's pointer to its click
+# ARGV: 1 the conversion's field name, 2 the version read (0: none), 3 the new version,
+#       4 event JSON, 5 history entry JSON, 6 TTL, 7 now (ms), 8 pointer value
+RECORD_CONVERSION = """
+local field = ARGV[1]
+local seen = redis.call('HGET', KEYS[2], 'v:' .. field) or '0'
+if seen ~= ARGV[2] then return 0 end
+redis.call('XADD', KEYS[1], '*', 'e', ARGV[4])
+redis.call('HSET', KEYS[2], 'v:' .. field, ARGV[3], 'e:' .. field, ARGV[4],
+           'h:' .. field .. ':' .. ARGV[3], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[3], ARGV[7], 'NX')
+redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6])
+return 1
+"""
+SCRIPTS = (RECORD_CLICK, RECORD_CONVERSION)
+
+
 class Keys:
     """Every Redis key and channel name, built in one place."""
 
@@ -57,6 +80,21 @@ class Keys:
         """A campaign changed a moment ago, for workers that have not loaded it yet."""
         return f"{self.prefix}campaign:{slug}"
 
+    def conversions(self, click_id: str) -> str:
+        """A click's conversions' states: v:<f> version, e:<f> latest event, h:<f>:<n>
+        history, for each conversion f (event, txid) of the click."""
+        return f"{self.prefix}conv:{click_id}"
+
+    @property
+    def conversions_since(self) -> str:
+        """From when (ms) Redis holds every conversion state (set when missing: at start,
+        and after Redis lost its data)."""
+        return f"{self.prefix}conv-since"
+
+    def conversion(self, conversion_id: str) -> str:
+        """A conversion id's click and field, for lookups by id before PostgreSQL has it."""
+        return f"{self.prefix}convid:{conversion_id}"
+
     def writer_alive(self, consumer: str) -> str:
         """Set by a live batch writer, expiring claim_idle_ms after its last heartbeat."""
         return f"{self.prefix}writer:{consumer}"
@@ -72,6 +110,7 @@ class EventBuffer:
         self._click_ttl = click_ttl
         self._unique_window = unique_window
         self._click_sha = hashlib.sha1(RECORD_CLICK.encode()).hexdigest()
+        self._conversion_sha = hashlib.sha1(RECORD_CONVERSION.encode()).hexdigest()
         self._queued: list[tuple[Command, asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
@@ -90,6 +129,15 @@ class EventBuffer:
     async def record(self, event: dict[str, Any]) -> None:
         """Buffer an event that needs no dedupe (an impression)."""
         await self._call(("XADD", self._keys.stream, "*", "e", orjson.dumps(event)))
+
+    async def record_conversion(self, keys: list[str], args: list[Any]) -> bool:
+        """Compare-and-set a conversion's state and buffer its event (RECORD_CONVERSION)."""
+        done = await self._call(("EVALSHA", self._conversion_sha, len(keys), *keys, *args))
+        return bool(done)
+
+    def call(self, *command: Any) -> asyncio.Future[Any]:
+        """Any command, sent in this tick's pipeline."""
+        return self._call(command)
 
     async def ping(self) -> None:
         await self._redis.ping()
@@ -126,8 +174,9 @@ class EventBuffer:
             results = await self._pipeline([command for command, _ in batch])
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
-                # Redis restarted or was flushed since we last loaded the script.
-                await self._redis.script_load(RECORD_CLICK)
+                # Redis restarted or was flushed since we last loaded the scripts.
+                for source in SCRIPTS:
+                    await self._redis.script_load(source)
                 again = await self._pipeline([batch[i][0] for i in missing])
                 for i, result in zip(missing, again):
                     results[i] = result

@@ -6,11 +6,13 @@ from collections.abc import Mapping
 
 from ..errors import bad_request
 
+# The ad platforms' own click ids, kept so that conversions can be sent back to them.
+AD_CLICK_IDS = ("gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid")
 TRACKING_PARAMS = (
     "pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id",
     "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id",
-)
-MAX_VALUE = 255
+) + AD_CLICK_IDS
+MAX_VALUE = 255  # gclid and fbclid run to ~100-200 characters
 
 
 def read_params(query: Mapping[str, str]) -> dict[str, str]:

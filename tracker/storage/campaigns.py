@@ -7,12 +7,16 @@ from typing import Any
 import asyncpg
 
 COLUMNS = """id, slug, name, destination_url, rotation, fallback_url, cost_model, cost_value,
-    currency, payouts, postback_url, status, created_at, updated_at"""
+    currency, payouts, postback_url, status, postback_token, postback_secrets, postback_on,
+    created_at, updated_at"""
 WRITABLE = ("slug", "name", "destination_url", "rotation", "fallback_url", "cost_model",
-            "cost_value", "currency", "payouts", "postback_url", "status")
+            "cost_value", "currency", "payouts", "postback_url", "status", "postback_token",
+            "postback_secrets", "postback_on")
 
 GET = f"SELECT {COLUMNS} FROM campaigns WHERE id = $1 AND deleted_at IS NULL"
 GET_FOR_UPDATE = GET + " FOR UPDATE"
+# Deleted ones too: a click made before its campaign was deleted may still convert.
+GET_ANY = f"SELECT {COLUMNS}, deleted_at FROM campaigns WHERE id = $1"
 LIST_PAGE = f"""
 SELECT {COLUMNS} FROM campaigns
 WHERE deleted_at IS NULL AND id > $1
@@ -93,3 +97,9 @@ async def labels(pool: asyncpg.Pool, ids: list[int]) -> dict[int, tuple[str, str
 async def ids_matching(pool: asyncpg.Pool, slug_or_id: str) -> list[int]:
     """Campaigns a report filter names, by slug or id; deleted ones too (their past counts)."""
     return [r["id"] for r in await pool.fetch(IDS_BY_SLUG_OR_ID, slug_or_id)]
+
+
+async def get_any(conn: asyncpg.Connection | asyncpg.Pool, campaign_id: int) -> asyncpg.Record | None:
+    """A campaign by id, deleted or not."""
+    row: asyncpg.Record | None = await conn.fetchrow(GET_ANY, campaign_id)
+    return row

@@ -10,7 +10,8 @@ import asyncpg
 GET_CLICK = """
 SELECT c.id, c.ts, c.campaign_id, k.slug AS campaign, c.visitor_id, c.pub, c.sub1, c.sub2,
        c.sub3, c.sub4, c.sub5, c.ext_click_id, c.utm_source, c.utm_medium, c.utm_campaign,
-       c.utm_term, c.utm_content, c.customer_id, host(c.ip) AS ip, c.country, c.device,
+       c.utm_term, c.utm_content, c.customer_id, c.gclid, c.gbraid, c.wbraid, c.fbclid,
+       c.ttclid, c.msclkid, host(c.ip) AS ip, c.country, c.device,
        c.is_unique, c.is_bot, c.destination, c.cost
 FROM clicks c LEFT JOIN campaigns k ON k.id = c.campaign_id
 WHERE c.id = $1 AND c.ts = $2

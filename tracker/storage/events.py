@@ -5,6 +5,7 @@ inserts nothing and so folds nothing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -15,8 +16,8 @@ from ..ids import decode_id
 CLICK_COLUMNS = (
     "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
     "ext_click_id", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
-    "customer_id", "ip", "country", "device", "user_agent", "referer", "is_unique", "is_bot",
-    "destination", "cost",
+    "customer_id", "gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid", "ip",
+    "country", "device", "user_agent", "referer", "is_unique", "is_bot", "destination", "cost",
 )
 IMPRESSION_COLUMNS = (
     "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
@@ -96,7 +97,8 @@ class BadEvent(ValueError):
 
 # Free-text columns of each kind of event, in CLICK_COLUMNS / IMPRESSION_COLUMNS order.
 CLICK_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id", "utm_source",
-               "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id")
+               "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id",
+               "gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid")
 IMPRESSION_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5")
 TRAIT_TEXTS = ("country", "device", "user_agent")
 CLICK_TRAIT_TEXTS = TRAIT_TEXTS + ("referer",)
@@ -173,6 +175,57 @@ def impression_record(event: dict[str, Any]) -> tuple[Any, ...]:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadEvent(f"malformed impression: {exc!r}") from None
+
+
+CONVERSION_TEXTS = ("event", "txid", "status")
+CONVERSION_MORE_TEXTS = ("raw_status", "currency")
+CONVERSION_TAIL_TEXTS = ("customer_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4",
+                         "sub5", "country", "device", "source")
+STATUSES = frozenset(["pending", "approved", "declined", "reversed"])
+
+
+def _amount(event: dict[str, Any], name: str) -> str:
+    try:
+        return money.event_amount(event.get(name))
+    except money.MoneyError as exc:
+        raise BadEvent(f"{name}: {exc}") from None
+
+
+def _ms(event: dict[str, Any], name: str) -> datetime:
+    value = event[name]
+    if type(value) is not int:
+        raise BadEvent(f"{name} must be an integer, not {value!r:.80}")
+    return datetime.fromtimestamp(value / 1000, UTC)
+
+
+def conversion_record(event: dict[str, Any]) -> tuple[Any, ...]:
+    """A conversion's version, in conversions.COLUMNS order."""
+    try:
+        conv_uuid, _ = decode_id(event["id"])
+        click_uuid, click_ts = decode_id(event["click_id"])
+        version, campaign_id = event["version"], event["campaign_id"]
+        if type(version) is not int or type(campaign_id) is not int:
+            raise BadEvent("version and campaign_id must be integers")
+        status, old_status = event["status"], event.get("old_status")
+        if status not in STATUSES or (old_status is not None and old_status not in STATUSES):
+            raise BadEvent(f"bad status {status!r} (from {old_status!r})")
+        order_value = event.get("order_value")
+        source_net = event.get("source_net")
+        if source_net is not None and (type(source_net) is not str or len(source_net) > 50):
+            raise BadEvent(f"bad source_net {source_net!r:.80}")
+        return ((conv_uuid, version, click_uuid, click_ts, campaign_id)
+                + _texts(event, CONVERSION_TEXTS) + (old_status,)
+                + _texts(event, CONVERSION_MORE_TEXTS[:1])
+                + (_amount(event, "amount"),) + _texts(event, CONVERSION_MORE_TEXTS[1:])
+                + (_amount(event, "revenue"), _amount(event, "cost"),
+                   None if order_value is None else _amount(event, "order_value"))
+                + _texts(event, CONVERSION_TAIL_TEXTS)
+                + (_ms(event, "created_ms"), _ms(event, "ts_ms"), source_net)
+                + _texts(event, ("postback",)))
+    except BadEvent:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BadEvent(f"malformed conversion: {exc!r}") from None
 
 
 async def prepare(conn: asyncpg.Connection) -> None:

@@ -24,12 +24,30 @@ GROUPS: dict[str, str] = {
     "device": "device",
     "day": "(bucket AT TIME ZONE $3)::date",
     "hour": "bucket - make_interval(mins => extract(minute FROM bucket AT TIME ZONE $3)::int)",
-    # Conversions are not recorded yet; every row of clicks and impressions has no event.
-    "event": "NULL::text",
+    # Traffic has no goal: grouped by event, clicks and impressions are the row whose event
+    # is null, and each goal's conversions a row of its own.
+    "event": "event",
 }
+DATE_BASES = ("conversion", "click")
 
 SUMS = """sum(impressions) AS impressions, sum(clicks) AS clicks,
-    sum(unique_clicks) AS unique_clicks, sum(bot_clicks) AS bot_clicks, sum(cost) AS cost"""
+    sum(unique_clicks) AS unique_clicks, sum(bot_clicks) AS bot_clicks, sum(cost) AS cost,
+    sum(conversions) AS conversions, sum(revenue) AS revenue,
+    sum(pending_conversions) AS pending_conversions, sum(pending_revenue) AS pending_revenue,
+    CASE WHEN min(k.currency) = max(k.currency) THEN min(k.currency) END AS currency"""
+DIMS = "bucket, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device"
+# Traffic and conversions side by side: clicks by click time; conversions by conversion or
+# click time, as the report asks ($4).
+EVENTS = f"""(
+    SELECT {DIMS}, NULL::text AS event, impressions, clicks, unique_clicks, bot_clicks, cost,
+           0::bigint AS conversions, 0::numeric AS revenue, 0::bigint AS pending_conversions,
+           0::numeric AS pending_revenue
+    FROM rollup_15m WHERE bucket >= $1 AND bucket < $2
+    UNION ALL
+    SELECT {DIMS}, event, 0, 0, 0, 0, cost, conversions, revenue, pending_conversions,
+           pending_revenue
+    FROM conversion_rollup_15m WHERE basis = $4 AND bucket >= $1 AND bucket < $2
+) e LEFT JOIN campaigns k ON k.id = e.campaign_id"""
 
 CHECK_ZONE = "SELECT now() AT TIME ZONE $1"
 
@@ -42,22 +60,22 @@ class ReportQuery:
     group_by: tuple[str, ...]
     campaign_ids: list[int] | None
     pub: str | None
+    date_basis: str = "conversion"
 
 
 def build(query: ReportQuery) -> tuple[str, list[Any]]:
-    params: list[Any] = [query.start, query.end, query.tz]
-    where = ["bucket >= $1", "bucket < $2"]
+    params: list[Any] = [query.start, query.end, query.tz, query.date_basis]
+    # $3 must appear in the statement even when no group uses it.
+    where = ["$3::text IS NOT NULL"]
     if query.campaign_ids is not None:
         params.append(query.campaign_ids)
-        where.append(f"campaign_id = ANY(${len(params)}::bigint[])")
+        where.append(f"e.campaign_id = ANY(${len(params)}::bigint[])")
     if query.pub is not None:
         params.append(query.pub)
-        where.append(f"pub = ${len(params)}")
-    # $3 must appear in the statement even when no group uses it.
-    where.append("$3::text IS NOT NULL")
-    keys = [f"{GROUPS[g]} AS {g}" for g in query.group_by]
+        where.append(f"e.pub = ${len(params)}")
+    keys = [f"{GROUPS[g] if g != 'campaign' else 'e.campaign_id'} AS {g}" for g in query.group_by]
     select = ", ".join(keys + [SUMS])
-    sql = f"SELECT {select} FROM rollup_15m WHERE {' AND '.join(where)}"
+    sql = f"SELECT {select} FROM {EVENTS} WHERE {' AND '.join(where)}"
     if query.group_by:
         positions = ", ".join(str(i) for i in range(1, len(query.group_by) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"

@@ -1,0 +1,166 @@
+"""Operator API: a conversion by id, and a click's conversions. Read-your-writes: a
+conversion recorded a moment ago is in Redis (its click's state hash) before PostgreSQL has
+it, so both are read and the higher version wins; the history is the union of both."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .. import money
+from ..errors import ApiError, bad_request, not_found
+from ..ids import id_uuid, parse_id, uuid_to_id
+from ..keys import PG, REDIS, REDIS_KEYS
+from ..storage import conversions as store
+from .common import json_response
+
+VIEW_TEXTS = ("event", "txid", "status", "raw_status", "currency", "customer_id", "source",
+              "pub", "sub1", "sub2", "sub3", "sub4", "sub5", "country", "device")
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ms_iso(ms: int) -> str:
+    return _iso(datetime.fromtimestamp(ms / 1000, UTC))
+
+
+def _money(value: Any) -> str | None:
+    if value is None:
+        return None
+    return money.to_str(value if isinstance(value, Decimal) else Decimal(value))
+
+
+def _from_row(row: Any) -> dict[str, Any]:
+    view = {"conversion_id": uuid_to_id(row["id"]), "click_id": uuid_to_id(row["click_id"]),
+            "campaign_id": row["campaign_id"], "campaign": row["campaign"],
+            "version": row["version"]}
+    view |= {k: row[k].strip() if k == "currency" else row[k] for k in VIEW_TEXTS}
+    view |= {"amount": _money(row["amount"]), "revenue": _money(row["revenue"]),
+             "revenue_currency": (row["campaign_currency"] or "").strip() or None,
+             "cost": _money(row["cost"]), "order_value": _money(row["order_value"]),
+             "time": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"])}
+    return view
+
+
+def _from_event(event: dict[str, Any], campaign: str | None,
+                campaign_currency: str | None) -> dict[str, Any]:
+    view = {"conversion_id": event["id"], "click_id": event["click_id"],
+            "campaign_id": event["campaign_id"], "campaign": campaign,
+            "version": event["version"]}
+    view |= {k: event.get(k) or "" for k in VIEW_TEXTS}
+    view |= {"amount": event["amount"], "revenue": event["revenue"],
+             "revenue_currency": campaign_currency, "cost": event["cost"],
+             "order_value": event["order_value"], "time": _ms_iso(event["created_ms"]),
+             "updated_at": _ms_iso(event["ts_ms"])}
+    return view
+
+
+def _history_row(row: Any) -> dict[str, Any]:
+    return {"version": row["version"], "time": _iso(row["ts"]), "old_status": row["old_status"],
+            "status": row["new_status"], "raw_status": row["raw_status"],
+            "amount": _money(row["amount"]), "currency": row["currency"].strip(),
+            "revenue": _money(row["revenue"]), "source_net": row["source_net"],
+            "source": row["source"]}
+
+
+def _history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"version": entry["version"], "time": _ms_iso(entry["ts_ms"]),
+            "old_status": entry["old_status"], "status": entry["status"],
+            "raw_status": entry["raw_status"], "amount": entry["amount"],
+            "currency": entry["currency"], "revenue": entry["revenue"],
+            "source_net": entry["source_net"], "source": entry["source"]}
+
+
+async def _recent(app: web.Application, click_id: str) -> dict[str, dict[str, Any]]:
+    """The click's conversions as Redis holds them: field → {"event", "history"}."""
+    try:
+        raw = await app[REDIS].hgetall(app[REDIS_KEYS].conversions(click_id))
+    except RedisError:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        kind, _, rest = _text(key).partition(":")
+        if kind == "e":
+            found.setdefault(rest, {"history": {}})["event"] = orjson.loads(value)
+        elif kind == "h":
+            field, _, version = rest.rpartition(":")
+            found.setdefault(field, {"history": {}})["history"][int(version)] = \
+                _history_entry(orjson.loads(value))
+    return {f: c for f, c in found.items() if "event" in c}
+
+
+async def _merged(app: web.Application, row: Any, recent: dict[str, Any] | None,
+                  with_history: bool) -> dict[str, Any]:
+    """One conversion from PostgreSQL's row and Redis's copy, whichever is newer."""
+    if row is not None and (recent is None or row["version"] >= recent["event"]["version"]):
+        view = _from_row(row)
+    else:
+        assert recent is not None
+        campaign = row["campaign"] if row is not None else None
+        currency = (row["campaign_currency"] or "").strip() if row is not None else None
+        view = _from_event(recent["event"], campaign, currency)
+    if with_history:
+        history: dict[int, dict[str, Any]] = dict(recent["history"]) if recent else {}
+        if row is not None:
+            for h in await store.history(app[PG], row["id"]):
+                history[h["version"]] = _history_row(h)
+        view["history"] = [history[v] for v in sorted(history)]
+    return view
+
+
+async def of_click(app: web.Application, click_id: str) -> list[dict[str, Any]]:
+    """Every conversion of a click, oldest first, as the click lookup shows them."""
+    ulid = parse_id(click_id)
+    assert ulid is not None
+    rows = {uuid_to_id(r["id"]): r for r in await store.of_click(app[PG], id_uuid(ulid))}
+    recent = {c["event"]["id"]: c for c in (await _recent(app, click_id)).values()}
+    views = [await _merged(app, rows.get(cid), recent.get(cid), with_history=True)
+             for cid in rows.keys() | recent.keys()]
+    return sorted(views, key=lambda v: (v["time"], v["conversion_id"]))
+
+
+async def get(request: web.Request) -> web.Response:
+    raw = request.match_info["conversion_id"]
+    ulid = parse_id(raw)
+    if ulid is None:
+        raise bad_request("invalid_conversion_id", "conversion_id must be a 26-character id",
+                          "conversion_id")
+    conversion_id = str(ulid)
+    app = request.app
+    row = await store.get(app[PG], id_uuid(ulid))
+    recent = None
+    try:
+        pointer = await app[REDIS].get(app[REDIS_KEYS].conversion(conversion_id))
+    except RedisError:
+        pointer = None
+    if pointer is not None:
+        click_id, _, field = _text(pointer).partition("\x1f")
+        recent = (await _recent(app, click_id)).get(field)
+    if row is None and recent is None:
+        if pointer is None and not await _redis_up(app):
+            raise ApiError(503, "not_ready", "Redis is unavailable; try again shortly")
+        raise not_found("no conversion has this id", code="unknown_conversion")
+    view = await _merged(app, row, recent, with_history=True)
+    # Imported here: the click lookup imports this module for a click's conversions.
+    from .clicks import click_view
+    view["click"] = await click_view(app, view["click_id"], with_conversions=False)
+    return json_response(view)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _redis_up(app: web.Application) -> bool:
+    try:
+        await app[REDIS].ping()
+    except RedisError:
+        return False
+    return True

@@ -1,0 +1,157 @@
+"""The conversion endpoints: `GET|POST /postback` (server to server), Binom's `/click.php`,
+and the `/conversion.gif` pixel. They read the request's parameters, hand them to the
+recorder, and answer: JSON (or the text Keitaro's `return=` asks for) for postbacks, and
+always the GIF for the pixel, whatever went wrong."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+import asyncpg
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .. import metrics
+from ..conversion import params as conversion_params
+from ..conversion.record import Unsupported
+from ..conversion.rules import InvalidTransition
+from ..conversion.security import Unauthorized
+from ..errors import ApiError, bad_request, error_response
+from ..ingest.track import LAST_CLICK_COOKIE
+from ..ingest.visitor import Hit, client_ip
+from ..keys import CONVERSIONS, SETTINGS
+from ..metrics import DropReason
+from .tracking import PIXEL, response_of
+
+MAX_BODY = 64 * 1024
+FORM = "application/x-www-form-urlencoded"
+
+REASONS: dict[str, DropReason] = {
+    "unknown_click": DropReason.UNKNOWN_CLICK,
+    "invalid_transition": DropReason.INVALID_TRANSITION,
+    "unauthorized": DropReason.UNAUTHORIZED,
+    "currency_unsupported": DropReason.CURRENCY_UNSUPPORTED,
+    "not_ready": DropReason.BUFFER_UNAVAILABLE,
+}
+
+
+def _reject(exc: ApiError) -> None:
+    reason = REASONS.get(exc.code, DropReason.INVALID_PARAMS if exc.status < 500
+                         else DropReason.INTERNAL_ERROR)
+    metrics.dropped("conversion", reason)
+
+
+async def _body_pairs(request: web.Request) -> list[tuple[str, str]]:
+    if not request.body_exists:
+        return []
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
+    if not raw.strip():
+        return []
+    kind = request.content_type
+    if kind == FORM:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("invalid_encoding", "the form body is not valid UTF-8") from None
+        return parse_qsl(text, keep_blank_values=True, errors="strict")
+    if kind == "application/json":
+        return _json_pairs(raw)
+    raise bad_request("unsupported_content_type",
+                      f"a postback body must be {FORM} or application/json, not {kind or 'untyped'}")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _json_pairs(raw: bytes) -> list[tuple[str, str]]:
+    try:
+        # Numbers as Decimal, never float: `"amount": 12.345678` arrives to the last digit.
+        body = json.loads(raw.decode("utf-8"), parse_float=Decimal,
+                          parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise bad_request("invalid_encoding", "the JSON body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise bad_request("invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("invalid_json", "the JSON body must be an object")
+    pairs = []
+    for name, value in body.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            field = conversion_params.NAME_OF.get(name, name)
+            raise bad_request("invalid_type", f"{name} must be a string or a number", field)
+        pairs.append((name, str(value)))
+    return pairs
+
+
+def _address(request: web.Request) -> str:
+    hit = Hit(method=request.method, slug="", query={}, peer=request.remote or "",
+              forwarded_for=",".join(request.headers.getall("X-Forwarded-For", ())))
+    return client_ip(hit, request.app[SETTINGS].proxy_hops)
+
+
+async def _record(request: web.Request, pairs: list[tuple[str, str]], source: str,
+                  cookie_click_id: str = "") -> tuple[conversion_params.ConversionInput, Any]:
+    """Read, decide and record; the contract's errors raised as ApiError."""
+    ask = conversion_params.read(pairs, cookie_click_id)
+    try:
+        recorded = await request.app[CONVERSIONS].record(ask, source, _address(request))
+    except InvalidTransition as exc:
+        raise ApiError(409, "invalid_transition", str(exc), "status") from None
+    except Unauthorized as exc:
+        raise ApiError(401, "unauthorized", str(exc), "token") from None
+    except Unsupported as exc:
+        raise ApiError(422, "currency_unsupported", str(exc), "currency") from None
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        metrics.BACKEND_ERRORS.labels("redis" if isinstance(exc, RedisError) else "postgres").inc()
+        raise ApiError(503, "not_ready", "the conversion could not be recorded now; "
+                       "send it again shortly") from None
+    metrics.EVENTS.labels("conversion", recorded.outcome).inc()
+    return ask, recorded
+
+
+async def postback(request: web.Request) -> web.StreamResponse:
+    try:
+        pairs = list(request.query.items()) + await _body_pairs(request)
+        ask, recorded = await _record(request, pairs, "postback")
+    except ApiError as exc:
+        _reject(exc)
+        return error_response(exc)
+    if ask.return_text is not None:
+        return web.Response(text=ask.return_text, content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {"status": recorded.outcome, "conversion_id": recorded.conversion_id},
+        headers={"Cache-Control": "no-store"})
+
+
+async def binom(request: web.Request) -> web.StreamResponse:
+    """Binom's postback address, `/click.php?cnv_id=…`: only its conversion form is ours."""
+    if "cnv_id" not in request.query:
+        return error_response(ApiError(404, "not_found", "only Binom's conversion postback "
+                                       "(cnv_id=…) is answered here"))
+    return await postback(request)
+
+
+async def pixel(request: web.Request) -> web.StreamResponse:
+    """Always the GIF: a broken pixel must never break the shop's page."""
+    if request.method == "HEAD":
+        return response_of(PIXEL)
+    try:
+        await _record(request, list(request.query.items()), "pixel",
+                      request.cookies.get(LAST_CLICK_COOKIE, ""))
+    except ApiError as exc:
+        _reject(exc)
+    except Exception:  # noqa: BLE001 - counted and logged; the GIF still goes out
+        metrics.dropped("conversion", DropReason.INTERNAL_ERROR)
+        request.app.logger.exception("conversion pixel not recorded")
+    return response_of(PIXEL)
