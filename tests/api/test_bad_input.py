@@ -71,8 +71,15 @@ async def test_tracking_parameters(service: Running) -> None:
     status, error = await error_of(service, "GET", "/c/bad?sub2=a%00b")
     assert (status, error["field"]) == (400, "sub2")
     # Unknown parameters (networks append their own) are ignored, not refused.
-    r = await service.click("bad", "gclid=" + "g" * 5000)
+    r = await service.click("bad", "xyz_from_network=" + "g" * 5000)
     assert r.status == 302
+    # So is an ad platform's click id we cannot keep: the platform wrote it, not the operator,
+    # and the visitor still gets the landing page (the click is kept without it).
+    r = await service.click("bad", "gclid=" + "g" * 5000 + "&fbclid=ok")
+    assert r.status == 302
+    last_click = [c for c in r.headers.getall("Set-Cookie") if c.startswith("tlc=")]
+    status, click = await service.api("GET", "/api/clicks/" + last_click[0][4:30])
+    assert status == 200 and (click["gclid"], click["fbclid"]) == ("", "ok"), click
 
 
 async def test_wrong_method_and_oversized_url(service: Running) -> None:

@@ -83,7 +83,9 @@ def decide(current: State | None, ask: ConversionInput, campaign: Campaign, now_
     network's currency when `amount_changed` (the caller converts it, then calls `priced`)."""
     status = ask.status
     if status == "rejected":
-        status = "reversed" if current is not None and current.status == "approved" else "declined"
+        # Declined or reversed, whichever this conversion can be (or already is).
+        status = ("reversed" if current is not None and current.status in ("approved", "reversed")
+                  else "declined")
     if current is None:
         if status not in FIRST_STATUSES:
             raise InvalidTransition(f"a conversion cannot start {status}: nothing to reverse")

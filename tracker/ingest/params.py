@@ -15,6 +15,10 @@ TRACKING_PARAMS = (
 MAX_VALUE = 255  # gclid and fbclid run to ~100-200 characters
 
 
+def _keepable(value: str) -> bool:
+    return len(value) <= MAX_VALUE and value.isascii() and value.isprintable()
+
+
 def read_params(query: Mapping[str, str]) -> dict[str, str]:
     """Known parameters only (ad networks append their own; those are ignored). A value that
     is too long, not UTF-8, or holds control characters is refused by name."""
@@ -22,6 +26,10 @@ def read_params(query: Mapping[str, str]) -> dict[str, str]:
     for name in TRACKING_PARAMS:
         value = query.get(name)
         if not value:
+            continue
+        if name in AD_CLICK_IDS and not _keepable(value):
+            # The ad platform wrote it, not the operator: the visitor still gets the page,
+            # and the click is kept without an id we could not send back intact anyway.
             continue
         if len(value) > MAX_VALUE:
             raise bad_request("value_too_long", f"{name} must be at most {MAX_VALUE} characters",
