@@ -26,6 +26,7 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/campaigns/{id}", campaigns.delete)
     r.add_get("/api/clicks/{click_id}", clicks.get)
     r.add_get("/api/conversions/{conversion_id}", conversions.get)
+    r.add_get("/api/conversions/{conversion_id}/attribution", conversions.attribution)
     r.add_get("/api/reports", reports.get)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)

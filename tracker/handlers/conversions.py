@@ -15,7 +15,9 @@ from redis.exceptions import RedisError
 from .. import money
 from ..errors import ApiError, bad_request, not_found
 from ..ids import id_uuid, parse_id, uuid_to_id
-from ..keys import PG, REDIS, REDIS_KEYS
+from ..attribution import DEFAULT_MODEL, UnknownModel
+from ..attribution_view import attribution_view
+from ..keys import PG, REDIS, REDIS_KEYS, SETTINGS
 from ..storage import conversions as store
 from .common import json_response
 
@@ -126,7 +128,8 @@ async def of_click(app: web.Application, click_id: str) -> list[dict[str, Any]]:
     return sorted(views, key=lambda v: (v["time"], v["conversion_id"]))
 
 
-async def get(request: web.Request) -> web.Response:
+async def _find(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
+    """(PostgreSQL's row, Redis's copy) of the conversion the path names; 404 when neither."""
     raw = request.match_info["conversion_id"]
     ulid = parse_id(raw)
     if ulid is None:
@@ -147,6 +150,12 @@ async def get(request: web.Request) -> web.Response:
         if pointer is None and not await _redis_up(app):
             raise ApiError(503, "not_ready", "Redis is unavailable; try again shortly")
         raise not_found("no conversion has this id", code="unknown_conversion")
+    return row, recent
+
+
+async def get(request: web.Request) -> web.Response:
+    app = request.app
+    row, recent = await _find(request)
     view = await _merged(app, row, recent, with_history=True)
     # Imported here: the click lookup imports this module for a click's conversions.
     from .clicks import click_view
@@ -156,6 +165,28 @@ async def get(request: web.Request) -> web.Response:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def attribution(request: web.Request) -> web.Response:
+    row, recent = await _find(request)
+    if row is not None:
+        conversion: dict[str, Any] = dict(row)
+    else:
+        assert recent is not None
+        event = recent["event"]
+        conversion = {k: event.get(k) or "" for k in (
+            "click_id", "visitor_id", "customer_id", "pub", "sub1", "sub2", "sub3", "sub4",
+            "sub5")}
+        conversion |= {"id": event["id"], "campaign_id": event["campaign_id"],
+                       "created_at": datetime.fromtimestamp(event["created_ms"] / 1000, UTC)}
+    model = request.query.get("model", DEFAULT_MODEL) or DEFAULT_MODEL
+    try:
+        view = await attribution_view(request.app[PG], request.app[SETTINGS], conversion, model)
+    except UnknownModel as exc:
+        raise bad_request("invalid_model", str(exc), "model") from None
+    if row is not None:
+        view["conversion_id"] = uuid_to_id(row["id"])
+    return json_response(view)
 
 
 async def _redis_up(app: web.Application) -> bool:
