@@ -56,7 +56,7 @@ def test_a_full_campaign_is_cleaned() -> None:
     ({"destination_url": "https://s.example/", "payouts": [{"event": "lead"}]}, "payouts[0]"),
     ({"destination_url": "https://s.example/", "payouts": [{"event": "lead", "amount": 2}]},
      "payouts[0].amount"),
-    ({"destination_url": "https://s.example/", "postback_url": "https://n.example/?x={sub1}"},
+    ({"destination_url": "https://s.example/", "postback_url": "https://n.example/?x={destination}"},
      "postback_url"),
     ({"destination_url": "https://s.example/", "fallback_url": "https://s.example/{sub1}"},
      "fallback_url"),
