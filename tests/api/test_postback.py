@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
@@ -150,3 +151,66 @@ async def test_a_repeat_after_redis_lost_everything_is_not_counted_twice(
     await flush(s)
     assert await pg.fetchval("SELECT sum(conversions) FROM conversion_rollup_15m "
                              "WHERE basis = 'conversion'") == 1
+
+
+async def test_a_thousand_identical_postbacks_from_fifty_connections(
+        service: Running, pg: asyncpg.Connection) -> None:
+    s = service
+    await s.create_campaign(slug="storm")
+    click = await new_click(s, "storm")
+    answers: list[str] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as http:
+        async def send() -> None:
+            async with http.get(s.url(f"/postback?click_id={click}&txid=same&amount=3")) as r:
+                assert r.status == 200
+                answers.append((await r.json())["status"])
+        await asyncio.gather(*[send() for _ in range(1000)])
+    assert sorted(answers) == ["accepted"] + ["duplicate"] * 999
+
+    async def written() -> bool:
+        return await pg.fetchval("SELECT count(*) FROM conversion_history") == 1
+    assert await eventually(written)
+    assert await pg.fetchval("SELECT count(*) FROM conversions") == 1
+    rolled = await pg.fetchrow("SELECT sum(conversions) AS n, sum(revenue) AS revenue "
+                               "FROM conversion_rollup_15m WHERE basis = 'conversion'")
+    assert (rolled["n"], str(rolled["revenue"])) == (1, "3.000000000")
+
+
+async def test_the_ad_platforms_click_ids_are_kept_on_the_click_and_the_conversion(
+        quiet_service: Running) -> None:
+    s = quiet_service
+    await s.create_campaign(slug="ads")
+    click = await new_click(s, "ads", "gclid=Cj0KCQ-abc_123&fbclid=IwAR0xyz&msclkid=m1")
+    _, body = await postback(s, f"click_id={click}")
+    status, view = await s.api("GET", f"/api/conversions/{body['conversion_id']}")
+    assert status == 200
+    assert (view["click"]["gclid"], view["click"]["fbclid"], view["click"]["msclkid"]) == (
+        "Cj0KCQ-abc_123", "IwAR0xyz", "m1")
+    await flush(s)
+    status, stored = await s.api("GET", f"/api/clicks/{click}")
+    assert stored["gclid"] == "Cj0KCQ-abc_123" and stored["ttclid"] == ""
+
+
+async def test_the_conversion_pixel_always_answers_its_gif(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    s = quiet_service
+    await s.create_campaign(slug="px")
+    r = await s.click("px")
+    click = click_id_of(r.headers["Location"])
+    for path in ["/conversion.gif", "/conversion.gif?amount=NaN",
+                 "/conversion.gif?click_id=01JD0000000000000000000000",
+                 "/conversion.gif?click_id=" + "x" * 3000, "/conversion.gif?cid=%FF%FE"]:
+        async with s.http.get(s.url(path)) as answer:
+            assert answer.status == 200 and answer.headers["Content-Type"] == "image/gif", path
+            assert answer.headers["Cache-Control"] == "no-store"
+    # The click id from the last-click cookie, when the page does not name one.
+    async with s.http.get(s.url("/conversion.gif?event=purchase&amount=19.99"),
+                          headers={"Cookie": f"tlc={click}"}) as answer:
+        assert answer.status == 200
+    await flush(s)
+    rows = await pg.fetch("SELECT event, amount::text, source FROM conversions")
+    assert [tuple(r) for r in rows] == [("purchase", "19.990000", "pixel")]
+    async with s.http.get(s.url("/metrics")) as m:
+        text = await m.text()
+    assert 'tracker_events_dropped_total{reason="unknown_click",type="conversion"}' in text
+    assert 'tracker_events_total{outcome="accepted",type="conversion"}' in text
