@@ -1,0 +1,1 @@
+"""Conversions: postbacks and the conversion pixel, from request to the stream."""
