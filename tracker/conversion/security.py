@@ -138,3 +138,9 @@ async def remember_signature(redis: aioredis.Redis, key: str, ttl: int) -> bool:
     network tries again later, rather than record it.
     """
     return bool(await redis.set(key, b"1", nx=True, ex=ttl))
+
+
+async def forget_signature(redis: aioredis.Redis, key: str) -> None:
+    """Undo remember_signature when the postback could not be recorded after all (its
+    append failed): the network sends the same signed URL again, and that retry must pass."""
+    await redis.delete(key)
