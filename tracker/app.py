@@ -1,9 +1,9 @@
 """create_app(settings) → the aiohttp application of one worker.
 
-Resources open in this order and close in reverse: PostgreSQL, Redis, the tracking pieces
-(buffer, spool, request tracker), campaign cache, partition upkeep, batch writer. Nothing
-here waits for PostgreSQL or Redis to answer: a worker starts, and answers redirects, during
-an outage of either, and catches up in the background.
+Resources open in this order and close in reverse: PostgreSQL, exchange rates, Redis, the
+tracking pieces (buffer, spool, request tracker), campaign cache, partition upkeep, batch
+writer. Nothing here waits for PostgreSQL or Redis to answer: a worker starts, and answers
+redirects, during an outage of either, and catches up in the background.
 
 Leaving (SIGTERM, see worker.py): the servers stop accepting and answer what is in flight
 (IN_FLIGHT_SECONDS), then the batch writer finishes its batch (WRITER_STOP_SECONDS) and
@@ -23,12 +23,13 @@ from aiohttp import web
 
 from . import routes
 from .campaign_cache import CampaignCache
+from .conversion.fx import FxRates
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
-from .keys import (BUFFER, CAMPAIGNS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER,
+from .keys import (BUFFER, CAMPAIGNS, FX, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS, TRACKER,
                    UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
 from .settings import Settings
@@ -52,6 +53,12 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
     except (asyncio.TimeoutError, OSError):
         pool.terminate()
+
+
+async def fx_rates(app: web.Application) -> AsyncIterator[None]:
+    # Nothing to open or close: rates are looked up on first use, through the pool.
+    app[FX] = FxRates(app[PG])
+    yield
 
 
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
@@ -147,6 +154,6 @@ def create_app(settings: Settings, *, run_writer: bool = True, slot: int = 0) ->
     app[RUN_WRITER] = run_writer
     app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
-        [postgres, redis_client, tracking, campaign_cache, partitions, batch_writer])
+        [postgres, fx_rates, redis_client, tracking, campaign_cache, partitions, batch_writer])
     routes.setup(app)
     return app
