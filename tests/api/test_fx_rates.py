@@ -16,8 +16,9 @@ async def put(service: Running, body: Any) -> tuple[int, Any]:
 
 async def test_put_stores_the_rates_of_a_day_and_answers_them(
         service: Running, pg: asyncpg.Connection) -> None:
-    status, body = await put(service, {"date": "2024-05-01", "base": "USD",
-                                       "rates": {"EUR": "0.92", "TRY": "34.1", "jpy": "151.123456789012"}})
+    status, body = await put(service, {
+        "date": "2024-05-01", "base": "USD",
+        "rates": {"EUR": "0.92", "TRY": "34.1", "jpy": "151.123456789012"}})
     assert status == 200, body
     assert body == {"date": "2024-05-01", "base": "USD",
                     "rates": {"EUR": "0.92", "JPY": "151.123456789012", "TRY": "34.1"}}
@@ -47,7 +48,8 @@ async def test_a_second_put_of_the_same_day_replaces_the_rate(service: Running) 
 
 
 async def test_get_answers_the_rates_in_force_on_a_day(service: Running) -> None:
-    await put(service, {"date": "2024-05-01", "base": "USD", "rates": {"EUR": "0.92", "TRY": "34.1"}})
+    await put(service, {"date": "2024-05-01", "base": "USD",
+                        "rates": {"EUR": "0.92", "TRY": "34.1"}})
     await put(service, {"date": "2024-05-03", "base": "USD", "rates": {"EUR": "0.95"}})
     await put(service, {"date": "2024-05-02", "base": "GBP", "rates": {"EUR": "1.17"}})
 

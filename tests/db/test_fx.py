@@ -18,7 +18,7 @@ from tracker.conversion.fx import AmountTooLarge, CurrencyUnsupported, FxRates, 
 from tracker.storage import db
 from tracker.storage import fx as store
 
-from ..conftest import AUTH, PgProxy, Running, eventually
+from ..conftest import PgProxy, Running, eventually
 
 D = date(2024, 5, 1)
 
@@ -30,8 +30,9 @@ async def pool(backing: tuple[str, str], pg: asyncpg.Connection) -> AsyncIterato
     await p.close()
 
 
-async def rates(pool: asyncpg.Pool, day: date, base: str, **quotes: str) -> None:
-    await store.upsert(pool, day, base, {q: Decimal(r) for q, r in quotes.items()})
+async def rates(conn: asyncpg.Pool | asyncpg.Connection, day: date, base: str,
+                **quotes: str) -> None:
+    await store.upsert(conn, day, base, {q: Decimal(r) for q, r in quotes.items()})
 
 
 async def test_the_same_currency_is_unchanged(pool: asyncpg.Pool) -> None:
@@ -112,7 +113,8 @@ async def test_the_freshest_path_wins(pool: asyncpg.Pool) -> None:
     # The inverse rate, set on D, beats the direct one set ten days before.
     assert str(await fx.convert(Decimal("10"), "EUR", "USD", D)) == "12.500000000"
     # Before D only the direct one was in force.
-    assert str(await fx.convert(Decimal("10"), "EUR", "USD", D - timedelta(days=1))) == "10.000000000"
+    day_before = D - timedelta(days=1)
+    assert str(await fx.convert(Decimal("10"), "EUR", "USD", day_before)) == "10.000000000"
     # Same day: direct first.
     await rates(pool, D, "EUR", USD="1.3")
     assert str(await FxRates(pool).convert(Decimal("10"), "EUR", "USD", D)) == "13.000000000"
@@ -139,7 +141,7 @@ async def test_an_amount_too_large_to_store_is_refused(pool: asyncpg.Pool) -> No
 
 
 async def test_a_burst_costs_one_query(backing: tuple[str, str], pg: asyncpg.Connection) -> None:
-    await rates_on(pg, D, "USD", EUR="0.92", TRY="34.1")
+    await rates(pg, D, "USD", EUR="0.92", TRY="34.1")
     proxy = PgProxy(backing[0])
     await proxy.start()
     pool = await db.create_pool(proxy.url)
@@ -163,10 +165,6 @@ async def test_a_burst_costs_one_query(backing: tuple[str, str], pg: asyncpg.Con
     finally:
         await pool.close()
         await proxy.stop()
-
-
-async def rates_on(conn: asyncpg.Connection, day: date, base: str, **quotes: str) -> None:
-    await store.upsert(conn, day, base, {q: Decimal(r) for q, r in quotes.items()})
 
 
 async def test_a_put_is_seen_by_every_worker_within_a_second(
@@ -201,7 +199,7 @@ async def test_a_put_is_seen_by_every_worker_within_a_second(
 
 async def test_postgresql_away_uses_the_last_known_rate(
         backing: tuple[str, str], pg: asyncpg.Connection) -> None:
-    await rates_on(pg, D, "USD", EUR="0.8")
+    await rates(pg, D, "USD", EUR="0.8")
     proxy = PgProxy(backing[0])
     await proxy.start()
     pool = await db.create_pool(proxy.url)

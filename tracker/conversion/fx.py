@@ -69,7 +69,7 @@ class AmountTooLarge(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Path:
+class RatePath:
     """How to convert: amount × multiply / divide. `day`: the oldest date of its rates."""
 
     multiply: Decimal | None
@@ -92,22 +92,23 @@ class Path:
 _DIRECT, _INVERSE, _VIA = 0, 1, 2
 
 
-def choose(rows: Sequence[Any], from_currency: str, to_currency: str) -> Path | None:
+def choose(rows: Sequence[Any], from_currency: str, to_currency: str) -> RatePath | None:
     """The path from one currency to the other among the rates in force (rows of base,
     quote, rate, day); None when there is none."""
     rates: dict[tuple[str, str], tuple[Decimal, date]] = {
         (r["base"], r["quote"]): (r["rate"], r["day"]) for r in rows}
-    found: list[tuple[int, int, str, Path]] = []
+    found: list[tuple[int, int, str, RatePath]] = []
     if (direct := rates.get((from_currency, to_currency))) is not None:
-        found.append((-direct[1].toordinal(), _DIRECT, "", Path(direct[0], None, direct[1])))
+        found.append((-direct[1].toordinal(), _DIRECT, "", RatePath(direct[0], None, direct[1])))
     if (inverse := rates.get((to_currency, from_currency))) is not None:
-        found.append((-inverse[1].toordinal(), _INVERSE, "", Path(None, inverse[0], inverse[1])))
+        found.append((-inverse[1].toordinal(), _INVERSE, "",
+                      RatePath(None, inverse[0], inverse[1])))
     for (base, quote), (rate_from, day_from) in rates.items():
         if quote != from_currency or (base, to_currency) not in rates:
             continue
         rate_to, day_to = rates[(base, to_currency)]
         oldest = min(day_from, day_to)
-        found.append((-oldest.toordinal(), _VIA, base, Path(rate_to, rate_from, oldest)))
+        found.append((-oldest.toordinal(), _VIA, base, RatePath(rate_to, rate_from, oldest)))
     if not found:
         return None
     return min(found, key=lambda f: f[:3])[3]
@@ -125,9 +126,9 @@ class FxRates:
         self._clock = clock
         # (from, to, day) → (path, when the query that found it started). Kept past its
         # freshness: it is the last known rate when PostgreSQL is away.
-        self._known: dict[Key, tuple[Path, float]] = {}
+        self._known: dict[Key, tuple[RatePath, float]] = {}
         # Lookups under way: concurrent conversions of one pair and day share one query.
-        self._loading: dict[Key, tuple[asyncio.Task[Path], float]] = {}
+        self._loading: dict[Key, tuple[asyncio.Task[RatePath], float]] = {}
         # Entries found before this moment are stale (this worker's own PUT: see forget).
         self._fresh_after = float("-inf")
         # After PostgreSQL failed to answer, last known rates are used without asking again
@@ -147,7 +148,7 @@ class FxRates:
         self._fresh_after = self._clock()
         self._loading.clear()
 
-    async def _path(self, key: Key) -> Path:
+    async def _path(self, key: Key) -> RatePath:
         now = self._clock()
         known = self._known.get(key)
         if known is not None and known[1] >= self._fresh_after \
@@ -178,7 +179,7 @@ class FxRates:
                                     f"{from_currency} to {to_currency} is known for {day}") from exc
             return last
 
-    async def _load(self, key: Key, started: float) -> Path:
+    async def _load(self, key: Key, started: float) -> RatePath:
         from_currency, to_currency, day = key
         try:
             rows = await store.touching(self._pool, day, [from_currency, to_currency])
@@ -196,14 +197,14 @@ class FxRates:
         self._remember(key, path, started)
         return path
 
-    def _loaded(self, key: Key, task: asyncio.Task[Path]) -> None:
+    def _loaded(self, key: Key, task: asyncio.Task[RatePath]) -> None:
         loading = self._loading.get(key)
         if loading is not None and loading[0] is task:
             del self._loading[key]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have gone (a timeout, a cancel)
 
-    def _remember(self, key: Key, path: Path, started: float) -> None:
+    def _remember(self, key: Key, path: RatePath, started: float) -> None:
         current = self._known.get(key)
         if current is not None and current[1] > started:
             return  # a lookup that started later has answered already
@@ -212,11 +213,11 @@ class FxRates:
         if len(self._known) > MAX_ENTRIES:
             del self._known[next(iter(self._known))]
 
-    def _last_known(self, key: Key) -> Path | None:
+    def _last_known(self, key: Key) -> RatePath | None:
         """The rate last found for this pair on the latest day up to this one (a day that
         began during an outage is converted at the rate of the day before)."""
         from_currency, to_currency, day = key
-        best: tuple[date, Path] | None = None
+        best: tuple[date, RatePath] | None = None
         for (f, t, d), (path, _) in self._known.items():
             if f == from_currency and t == to_currency and d <= day \
                     and (best is None or d > best[0]):
