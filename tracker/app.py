@@ -1,9 +1,9 @@
 """create_app(settings) → the aiohttp application of one worker.
 
-Resources open in this order and close in reverse: PostgreSQL, Redis, the tracking pieces
-(buffer, spool, request tracker), campaign cache, partition upkeep, batch writer. Nothing
-here waits for PostgreSQL or Redis to answer: a worker starts, and answers redirects, during
-an outage of either, and catches up in the background.
+Resources open in this order and close in reverse: PostgreSQL, exchange rates, Redis, the
+tracking pieces (buffer, spool, request tracker), campaign cache, partition upkeep, batch
+writer. Nothing here waits for PostgreSQL or Redis to answer: a worker starts, and answers
+redirects, during an outage of either, and catches up in the background.
 
 Leaving (SIGTERM, see worker.py): the servers stop accepting and answer what is in flight
 (IN_FLIGHT_SECONDS), then the batch writer finishes its batch (WRITER_STOP_SECONDS) and
@@ -17,8 +17,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import date
-from decimal import Decimal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -26,16 +24,16 @@ from aiohttp import web
 
 from . import routes
 from .campaign_cache import CampaignCache
-from .conversion.record import ConversionRecorder, Unsupported
-from .conversion.params import ConversionInput
-from .campaigns import Campaign
+from .conversion.fx import FxRates
+from .conversion.guard import PostbackGuard
+from .conversion.record import ConversionRecorder
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
-from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, PG, REDIS, REDIS_KEYS, RUN_WRITER, SETTINGS,
-                   TRACKER, UPKEEP, WORKER_SLOT, WRITER)
+from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, FX, PG, REDIS, REDIS_KEYS, RUN_WRITER,
+                   SETTINGS, TRACKER, UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
 from .settings import Settings
 from .storage import db
@@ -58,6 +56,12 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
     except (asyncio.TimeoutError, OSError):
         pool.terminate()
+
+
+async def fx_rates(app: web.Application) -> AsyncIterator[None]:
+    # Nothing to open or close: rates are looked up on first use, through the pool.
+    app[FX] = FxRates(app[PG])
+    yield
 
 
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
@@ -102,22 +106,11 @@ async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
     await cache.stop()
 
 
-class _SameCurrency:
-    async def convert(self, amount: Decimal, from_currency: str, to_currency: str,
-                      day: date) -> Decimal:
-        if from_currency != to_currency:
-            raise Unsupported(f"no exchange rate from {from_currency} to {to_currency}")
-        return amount
-
-
-async def _no_check(campaign: Campaign, ask: ConversionInput) -> None:
-    return None
-
-
 async def conversions(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    guard = PostbackGuard(app[REDIS], settings.redis_prefix, settings.signature_tolerance_seconds)
     recorder = ConversionRecorder(app[BUFFER], app[REDIS_KEYS], app[PG], app[CAMPAIGNS],
-                                  _SameCurrency(), _no_check, settings.conversion_state_ttl)
+                                  app[FX], guard, settings.conversion_state_ttl)
     app[CONVERSIONS] = recorder
     try:
         await recorder.mark_complete_from_now()
@@ -177,7 +170,7 @@ def create_app(settings: Settings, *, run_writer: bool = True, slot: int = 0) ->
     app[RUN_WRITER] = run_writer
     app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
-        [postgres, redis_client, tracking, campaign_cache, conversions, partitions,
+        [postgres, fx_rates, redis_client, tracking, campaign_cache, conversions, partitions,
          batch_writer])
     routes.setup(app)
     return app

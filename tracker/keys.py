@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from .campaign_cache import CampaignCache
+from .conversion.fx import FxRates
 from .conversion.record import ConversionRecorder
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.track import RequestTracker
@@ -16,6 +17,7 @@ from .upkeep import PartitionUpkeep
 
 SETTINGS = web.AppKey("settings", Settings)
 PG = web.AppKey("pg", asyncpg.Pool)
+FX = web.AppKey("fx", FxRates)
 REDIS = web.AppKey("redis", aioredis.Redis)
 REDIS_KEYS = web.AppKey("redis_keys", Keys)
 CAMPAIGNS = web.AppKey("campaigns", CampaignCache)

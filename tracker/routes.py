@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .handlers import campaigns, clicks, conversions, ops, postback, reports, tracking
+from .handlers import campaigns, clicks, conversions, fx_rates, ops, postback, reports, tracking
 
 # Answered on TRACKER_ADMIN_LISTEN instead of the public port when that is set.
 ADMIN_PATHS = frozenset(["/metrics", "/healthz", "/readyz", "/readyz/tracking"])
@@ -28,6 +28,8 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/conversions/{conversion_id}", conversions.get)
     r.add_get("/api/conversions/{conversion_id}/attribution", conversions.attribution)
     r.add_get("/api/reports", reports.get)
+    r.add_put("/api/fx-rates", fx_rates.put)
+    r.add_get("/api/fx-rates", fx_rates.get)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
     r.add_get("/readyz/tracking", ops.tracking_ready)

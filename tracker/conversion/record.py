@@ -56,10 +56,6 @@ class Rates(Protocol):
                       day: date) -> Decimal: ...
 
 
-class Unsupported(Exception):
-    """No exchange rate for this currency (422 currency_unsupported)."""
-
-
 class Authorize(Protocol):
     async def __call__(self, campaign: Campaign, ask: ConversionInput) -> None: ...
 

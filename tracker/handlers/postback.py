@@ -16,9 +16,8 @@ from redis.exceptions import RedisError
 
 from .. import metrics
 from ..conversion import params as conversion_params
-from ..conversion.record import Unsupported
+from ..conversion.fx import AmountTooLarge, CurrencyUnsupported, FxUnavailable
 from ..conversion.rules import InvalidTransition
-from ..conversion.security import Unauthorized
 from ..errors import ApiError, bad_request, error_response
 from ..ingest.track import LAST_CLICK_COOKIE
 from ..ingest.visitor import Hit, client_ip
@@ -107,11 +106,13 @@ async def _record(request: web.Request, pairs: list[tuple[str, str]], source: st
         recorded = await request.app[CONVERSIONS].record(ask, source, _address(request))
     except InvalidTransition as exc:
         raise ApiError(409, "invalid_transition", str(exc), "status") from None
-    except Unauthorized as exc:
-        raise ApiError(401, "unauthorized", str(exc), "token") from None
-    except Unsupported as exc:
-        raise ApiError(422, "currency_unsupported", str(exc), "currency") from None
-    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except CurrencyUnsupported as exc:
+        raise ApiError(422, "currency_unsupported", f"no exchange rate for {exc.currency} into "
+                       "the campaign's currency: set one with PUT /api/fx-rates", "currency") from None
+    except AmountTooLarge as exc:
+        raise ApiError(422, "amount_too_large", str(exc), "amount") from None
+    except (RedisError, OSError, FxUnavailable, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:
         metrics.BACKEND_ERRORS.labels("redis" if isinstance(exc, RedisError) else "postgres").inc()
         raise ApiError(503, "not_ready", "the conversion could not be recorded now; "
                        "send it again shortly") from None

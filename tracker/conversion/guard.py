@@ -1,0 +1,34 @@
+"""Whether a postback may change a campaign's conversions: its token and its signature, as
+the campaign asks (tracker/conversion/security.py holds the rules)."""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from ..campaigns import Campaign
+from .params import ConversionInput
+from .security import (Unauthorized, check_token, remember_signature, replay_key, replay_ttl,
+                       verify_signature)
+
+
+class PostbackGuard:
+    def __init__(self, redis: aioredis.Redis, prefix: str, tolerance: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._tolerance = tolerance
+
+    async def __call__(self, campaign: Campaign, ask: ConversionInput) -> None:
+        """Raise Unauthorized (401) unless the postback carries what the campaign requires."""
+        check_token(campaign.postback_token, ask.token)
+        if not campaign.postback_secrets:
+            return
+        signature = verify_signature(list(ask.pairs), list(campaign.postback_secrets),
+                                     time.time(), self._tolerance)
+        # Checked last, after every other refusal: a signature is spent only by a postback
+        # that could otherwise pass. A RedisError goes up (503): without the guard a replayed
+        # older status could not be told from a first sending.
+        if not await remember_signature(self._redis, replay_key(self._prefix, signature),
+                                        replay_ttl(self._tolerance)):
+            raise Unauthorized("this signed postback was already received (a replay)", "sig")
