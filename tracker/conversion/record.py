@@ -188,7 +188,8 @@ class ConversionRecorder:
                source: str, address: str, now_ms: int) -> dict[str, Any]:
         event: dict[str, Any] = {
             "type": "conversion", "id": conv_id, "version": state.version,
-            "click_id": str(click_ulid), "campaign_id": campaign.id, "event": ask.event,
+            "click_id": str(click_ulid), "campaign_id": campaign.id, "campaign": campaign.slug,
+            "revenue_currency": campaign.currency, "event": ask.event,
             "txid": ask.txid, "status": state.status, "old_status": decision.old_status,
             "raw_status": state.raw_status, "amount": money.to_str(state.amount),
             "currency": state.currency, "revenue": money.to_str(state.revenue),

@@ -51,14 +51,13 @@ def _from_row(row: Any) -> dict[str, Any]:
     return view
 
 
-def _from_event(event: dict[str, Any], campaign: str | None,
-                campaign_currency: str | None) -> dict[str, Any]:
+def _from_event(event: dict[str, Any]) -> dict[str, Any]:
     view = {"conversion_id": event["id"], "click_id": event["click_id"],
-            "campaign_id": event["campaign_id"], "campaign": campaign,
+            "campaign_id": event["campaign_id"], "campaign": event.get("campaign"),
             "version": event["version"]}
     view |= {k: event.get(k) or "" for k in VIEW_TEXTS}
     view |= {"amount": event["amount"], "revenue": event["revenue"],
-             "revenue_currency": campaign_currency, "cost": event["cost"],
+             "revenue_currency": event.get("revenue_currency"), "cost": event["cost"],
              "order_value": event["order_value"], "time": _ms_iso(event["created_ms"]),
              "updated_at": _ms_iso(event["ts_ms"])}
     return view
@@ -105,9 +104,7 @@ async def _merged(app: web.Application, row: Any, recent: dict[str, Any] | None,
         view = _from_row(row)
     else:
         assert recent is not None
-        campaign = row["campaign"] if row is not None else None
-        currency = (row["campaign_currency"] or "").strip() if row is not None else None
-        view = _from_event(recent["event"], campaign, currency)
+        view = _from_event(recent["event"])
     if with_history:
         history: dict[int, dict[str, Any]] = dict(recent["history"]) if recent else {}
         if row is not None:
