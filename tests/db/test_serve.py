@@ -165,7 +165,11 @@ async def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_logged_on
     served = Served(backing, tmp_path / "crash", TRACKER_GEOIP_DB=str(tmp_path / "missing.mmdb"),
                     TRACKER_WORKERS="1", TRACKER_LOG_LEVEL="DEBUG")
     try:
-        await asyncio.sleep(6)
+        # Until the third restart (a worker's start takes longer on a loaded machine: a fixed
+        # wait counted restarts, not the pauses between them).
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and served.output.read_text().count("next try in") < 3:
+            await asyncio.sleep(0.2)
         assert served.proc.poll() is None, "the supervisor itself must stay up"
         served.stop()
     finally:
