@@ -36,6 +36,8 @@ from aiohttp import web
 
 from . import metrics
 from .errors import ApiError, error_body
+from .handlers.postback import address_of, answer_postback
+from .handlers.postback import answer_pixel as answer_conversion_pixel
 from .handlers.tracking import Answer, answer_click, answer_pixel, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
@@ -49,10 +51,16 @@ MAX_HEAD = 64 * 1024           # request line and headers
 MAX_LINE = 2 * MAX_HEADER + 8
 MAX_BUFFERED = 256 * 1024      # pipelined bytes held before we stop reading
 KEEPALIVE_SECONDS = 75.0
-REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found",
-           414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-           500: b"Internal Server Error", 503: b"Service Unavailable"}
+REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 401: b"Unauthorized",
+           404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
+           414: b"URI Too Long", 422: b"Unprocessable Content",
+           431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           503: b"Service Unavailable"}
 ROUTES = {b"/c/": "/c/{slug}", b"/i/": "/i/{slug}"}
+# Conversions by GET: whole paths (a body, a POST, goes to aiohttp).
+CONVERSION_ROUTES = {b"/postback": "/postback", b"/click.php": "/click.php",
+                     b"/conversion.gif": "/conversion.gif"}
+LAST_CLICK = "tlc"
 HOT_METHODS = (b"GET", b"HEAD")
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 FORWARDED_FOR = b"x-forwarded-for"
@@ -67,7 +75,7 @@ class _Request:
     """One request as the parser's callbacks collect it."""
 
     __slots__ = ("url_parts", "url_len", "headers", "forwarded", "has_body", "method", "url",
-                 "keep_alive", "http10", "size")
+                 "keep_alive", "http10", "size", "route")
 
     def __init__(self) -> None:
         self.url_parts: list[bytes] = []
@@ -80,6 +88,7 @@ class _Request:
         self.keep_alive = False
         self.http10 = False
         self.size = 0               # bytes of its head
+        self.route = ""             # the route it is answered under (metrics' label)
 
 
 class _Refusal:
@@ -376,9 +385,10 @@ class FastProtocol(asyncio.Protocol):
             self._stop(HEAD_TOO_LARGE)
         url = request.url = b"".join(request.url_parts)
         method = request.method = parser.get_method()
-        if (method not in HOT_METHODS or url[:3] not in ROUTES or request.has_body
-                or parser.should_upgrade()):
+        route = ROUTES.get(url[:3]) or CONVERSION_ROUTES.get(_path(url))
+        if method not in HOT_METHODS or route is None or request.has_body or parser.should_upgrade():
             self._stop(HAND_OVER)
+        request.route = route
         # Asked now: llhttp forgets `Connection: close` once the message is complete.
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
@@ -469,7 +479,7 @@ class FastProtocol(asyncio.Protocol):
         # The last answer: asked to close, or stopping, or the client is done sending.
         last = not request.keep_alive or self.closing or (self.eof and not self.queue)
         self._write(answer, not last, method == b"HEAD", request.http10)
-        requests, latency = self.server.series(ROUTES[request.url[:3]], method, answer.status)
+        requests, latency = self.server.series(request.route, method, answer.status)
         requests.inc()
         latency.observe(time.perf_counter() - started)
         self.busy = False
@@ -484,6 +494,8 @@ class FastProtocol(asyncio.Protocol):
         path, _, _ = path.partition(b"#")
         headers = request.headers
         forwarded = request.forwarded
+        if path in CONVERSION_ROUTES:
+            return await self._answer_conversion(request, path, query)
         hit = Hit(
             method=request.method.decode(),
             slug=unquote_to_bytes(path[3:]).decode("utf-8", "replace"),
@@ -498,6 +510,17 @@ class FastProtocol(asyncio.Protocol):
         )
         app = self.server.app
         return await (answer_click(app, hit) if path[1:2] == b"c" else answer_pixel(app, hit))
+
+    async def _answer_conversion(self, request: _Request, path: bytes, query: bytes) -> Answer:
+        app = self.server.app
+        forwarded = request.forwarded
+        address = address_of(app, self.peer, _text(b",".join(forwarded)) if forwarded else "")
+        method = request.method.decode()
+        pairs = _pairs(query)
+        if path == b"/conversion.gif":
+            return await answer_conversion_pixel(
+                app, method, pairs, address, _cookie(request.headers.get(b"cookie"), LAST_CLICK))
+        return await answer_postback(app, method, pairs, address, binom=path == b"/click.php")
 
     def _write(self, answer: Answer, keep_alive: bool, is_head: bool, http10: bool = False) -> None:
         if self.transport is None:
@@ -561,6 +584,17 @@ def _query(raw: bytes) -> dict[str, str]:
         for name, value in parse_qsl(text, keep_blank_values=True, errors="replace"):
             params.setdefault(name, value)
     return params
+
+
+def _path(url: bytes) -> bytes:
+    return url.partition(b"?")[0].partition(b"#")[0]
+
+
+def _pairs(raw: bytes) -> list[tuple[str, str]]:
+    """Every parameter, repeats included (a postback refuses a repeated one by name)."""
+    if not raw:
+        return []
+    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, errors="replace")
 
 
 def _cookie(header: bytes | None, name: str) -> str:

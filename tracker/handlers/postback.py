@@ -11,11 +11,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import asyncpg
+import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from .. import metrics
 from ..conversion import params as conversion_params
+from ..conversion.params import ConversionInput
+from ..conversion.record import Recorded
 from ..conversion.fx import AmountTooLarge, CurrencyUnsupported, FxUnavailable
 from ..conversion.rules import InvalidTransition
 from ..errors import ApiError, bad_request, error_response
@@ -23,7 +26,7 @@ from ..ingest.track import LAST_CLICK_COOKIE
 from ..ingest.visitor import Hit, client_ip
 from ..keys import CONVERSIONS, SETTINGS
 from ..metrics import DropReason
-from .tracking import PIXEL, response_of
+from .tracking import NO_STORE, PIXEL, Answer, error_answer, response_of
 
 MAX_BODY = 64 * 1024
 FORM = "application/x-www-form-urlencoded"
@@ -92,18 +95,17 @@ def _json_pairs(raw: bytes) -> list[tuple[str, str]]:
     return pairs
 
 
-def _address(request: web.Request) -> str:
-    hit = Hit(method=request.method, slug="", query={}, peer=request.remote or "",
-              forwarded_for=",".join(request.headers.getall("X-Forwarded-For", ())))
-    return client_ip(hit, request.app[SETTINGS].proxy_hops)
+def address_of(app: web.Application, peer: str, forwarded_for: str) -> str:
+    hit = Hit(method="", slug="", query={}, peer=peer, forwarded_for=forwarded_for)
+    return client_ip(hit, app[SETTINGS].proxy_hops)
 
 
-async def _record(request: web.Request, pairs: list[tuple[str, str]], source: str,
-                  cookie_click_id: str = "") -> tuple[conversion_params.ConversionInput, Any]:
+async def _record(app: web.Application, pairs: list[tuple[str, str]], source: str,
+                  address: str, cookie_click_id: str = "") -> tuple[ConversionInput, Recorded]:
     """Read, decide and record; the contract's errors raised as ApiError."""
     ask = conversion_params.read(pairs, cookie_click_id)
     try:
-        recorded = await request.app[CONVERSIONS].record(ask, source, _address(request))
+        recorded = await app[CONVERSIONS].record(ask, source, address)
     except InvalidTransition as exc:
         raise ApiError(409, "invalid_transition", str(exc), "status") from None
     except CurrencyUnsupported as exc:
@@ -120,39 +122,76 @@ async def _record(request: web.Request, pairs: list[tuple[str, str]], source: st
     return ask, recorded
 
 
-async def postback(request: web.Request) -> web.StreamResponse:
+# -- answers, for either server ----------------------------------------------------------------
+
+
+async def answer_postback(app: web.Application, method: str, pairs: list[tuple[str, str]],
+                          address: str, *, binom: bool = False) -> Answer:
+    if method == "HEAD":
+        # A link checker's probe must not record a conversion.
+        return error_answer(ApiError(405, "method_not_allowed", "send GET or POST"))
+    if binom and not any(name == "cnv_id" for name, _ in pairs):
+        return error_answer(ApiError(404, "not_found", "only Binom's conversion postback "
+                                     "(cnv_id=…) is answered here"))
     try:
-        pairs = list(request.query.items()) + await _body_pairs(request)
-        ask, recorded = await _record(request, pairs, "postback")
+        ask, recorded = await _record(app, pairs, "postback", address)
     except ApiError as exc:
         _reject(exc)
-        return error_response(exc)
+        return error_answer(exc)
     if ask.return_text is not None:
-        return web.Response(text=ask.return_text, content_type="text/plain",
-                            headers={"Cache-Control": "no-store"})
-    return web.json_response(
-        {"status": recorded.outcome, "conversion_id": recorded.conversion_id},
-        headers={"Cache-Control": "no-store"})
+        return Answer(200, [("Cache-Control", NO_STORE)], ask.return_text.encode(),
+                      "text/plain")
+    return Answer(200, [("Cache-Control", NO_STORE)],
+                  orjson.dumps({"status": recorded.outcome,
+                                "conversion_id": recorded.conversion_id}),
+                  "application/json")
 
 
-async def binom(request: web.Request) -> web.StreamResponse:
-    """Binom's postback address, `/click.php?cnv_id=…`: only its conversion form is ours."""
-    if "cnv_id" not in request.query:
-        return error_response(ApiError(404, "not_found", "only Binom's conversion postback "
-                                       "(cnv_id=…) is answered here"))
-    return await postback(request)
-
-
-async def pixel(request: web.Request) -> web.StreamResponse:
+async def answer_pixel(app: web.Application, method: str, pairs: list[tuple[str, str]],
+                       address: str, last_click: str) -> Answer:
     """Always the GIF: a broken pixel must never break the shop's page."""
-    if request.method == "HEAD":
-        return response_of(PIXEL)
+    if method == "HEAD":
+        return PIXEL
     try:
-        await _record(request, list(request.query.items()), "pixel",
-                      request.cookies.get(LAST_CLICK_COOKIE, ""))
+        await _record(app, pairs, "pixel", address, last_click)
     except ApiError as exc:
         _reject(exc)
     except Exception:  # noqa: BLE001 - counted and logged; the GIF still goes out
         metrics.dropped("conversion", DropReason.INTERNAL_ERROR)
-        request.app.logger.exception("conversion pixel not recorded")
-    return response_of(PIXEL)
+        app.logger.exception("conversion pixel not recorded")
+    return PIXEL
+
+
+# -- aiohttp routes (POST bodies, and connections the fast path handed over) -------------------
+
+
+def _request_address(request: web.Request) -> str:
+    return address_of(request.app, request.remote or "",
+                      ",".join(request.headers.getall("X-Forwarded-For", ())))
+
+
+async def postback(request: web.Request) -> web.StreamResponse:
+    try:
+        pairs = list(request.query.items()) + await _body_pairs(request)
+    except ApiError as exc:
+        _reject(exc)
+        return error_response(exc)
+    return response_of(await answer_postback(request.app, request.method, pairs,
+                                             _request_address(request)))
+
+
+async def binom(request: web.Request) -> web.StreamResponse:
+    """Binom's postback address, `/click.php?cnv_id=…`: only its conversion form is ours."""
+    try:
+        pairs = list(request.query.items()) + await _body_pairs(request)
+    except ApiError as exc:
+        _reject(exc)
+        return error_response(exc)
+    return response_of(await answer_postback(request.app, request.method, pairs,
+                                             _request_address(request), binom=True))
+
+
+async def pixel(request: web.Request) -> web.StreamResponse:
+    return response_of(await answer_pixel(
+        request.app, request.method, list(request.query.items()), _request_address(request),
+        request.cookies.get(LAST_CLICK_COOKIE, "")))
