@@ -384,6 +384,13 @@ class Served:
         assert self.proc.wait(timeout=timeout) == 0, self.output.read_text()
         return time.monotonic() - started
 
+    def kill_everything(self) -> None:
+        """SIGKILL of the supervisor and every worker at once: the whole service crashes."""
+        parent = psutil.Process(self.proc.pid)
+        for process in [parent, *parent.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
     async def close(self, redis: aioredis.Redis | None = None) -> None:
         """Whatever is left of it (a test that failed half-way): the supervisor and every
         process under it."""

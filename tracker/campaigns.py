@@ -12,10 +12,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import pycountry
-
 from . import money
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, object_with
 from .macros import CLICK_MACROS, POSTBACK_MACROS, Template, TemplateError, check_url, compile_template
 
 SLUG = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -141,12 +139,7 @@ def _secrets(value: Any) -> list[str]:
 
 def validate(body: Any, *, partial: bool) -> dict[str, Any]:
     """The clean column values of a create (partial=False) or patch (partial=True) body."""
-    if not isinstance(body, dict):
-        raise bad_request("invalid_body", "the body must be a JSON object")
-    unknown = set(body) - FIELDS
-    if unknown:
-        name = sorted(unknown)[0]
-        raise bad_request("unknown_field", f"unknown field {name!r}", name)
+    body = object_with(body, FIELDS)
     clean: dict[str, Any] = {}
     if "slug" in body:
         slug = _str(body, "slug", 64)
@@ -176,12 +169,11 @@ def validate(body: Any, *, partial: bool) -> dict[str, Any]:
     if "cost_value" in body:
         clean["cost_value"] = _decimal(body["cost_value"], "cost_value")
     if "currency" in body:
-        code = body["currency"]
-        if not isinstance(code, str) or len(code) != 3 or not code.isalpha() \
-                or pycountry.currencies.get(alpha_3=code.upper()) is None:
+        code = money.currency(body["currency"])
+        if code is None:
             raise bad_request("invalid_currency", "currency must be an ISO 4217 code such as USD",
                               "currency")
-        clean["currency"] = code.upper()
+        clean["currency"] = code
     if "payouts" in body:
         clean["payouts"] = [] if body["payouts"] is None else _payouts(body["payouts"])
     if "postback_url" in body:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
+
 import orjson
+from aiohttp import web
 
 
 class ApiError(Exception):
@@ -19,6 +21,17 @@ class ApiError(Exception):
 
 def bad_request(code: str, message: str, field: str | None = None) -> ApiError:
     return ApiError(400, code, message, field)
+
+
+def object_with(body: object, fields: frozenset[str]) -> dict[str, Any]:
+    """`body` as a JSON object of known fields; an unknown one is refused by name."""
+    if not isinstance(body, dict):
+        raise bad_request("invalid_body", "the body must be a JSON object")
+    unknown = set(body) - fields
+    if unknown:
+        name = sorted(unknown)[0]
+        raise bad_request("unknown_field", f"unknown field {name!r}", name)
+    return body
 
 
 def not_found(message: str = "no such thing", code: str = "not_found") -> ApiError:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+import pycountry
+
 INTEGER_DIGITS = 12
 INPUT_PLACES = 6
 # An event's amount is an input amount divided by at most 1000 (CPM): three places more.
@@ -72,3 +74,11 @@ def per_unit(total: Decimal, units: Decimal | int) -> str | None:
     if not units:
         return None
     return to_str((total / Decimal(units)).quantize(Decimal(1).scaleb(-EVENT_PLACES)))
+
+
+def currency(value: object) -> str | None:
+    """The upper-case ISO 4217 code `value` spells (any case), or None when it is not one."""
+    if not isinstance(value, str) or len(value) != 3 or not value.isalpha():
+        return None
+    code = value.upper()
+    return code if pycountry.currencies.get(alpha_3=code) is not None else None

@@ -11,7 +11,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
-import psutil
 import redis.asyncio as aioredis
 
 from tracker.ids import uuid_to_id
@@ -71,9 +70,7 @@ async def test_sigkill_while_postbacks_stream_in(backing: tuple[str, str], pg: a
 
         async def kill_everything() -> None:
             await asyncio.sleep(0.8)
-            parent = psutil.Process(served.proc.pid)
-            for process in [parent, *parent.children(recursive=True)]:
-                process.kill()
+            served.kill_everything()
 
         killer = asyncio.create_task(kill_everything())
         before = await stream_postbacks(served.base, queries)

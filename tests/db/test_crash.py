@@ -228,8 +228,6 @@ async def test_sigkill_of_every_process_then_a_restart_recovers_at_once(
     """The supervisor and both workers SIGKILLed under load, then `tracker serve` again: each
     worker slot reads the batch its predecessor left pending, so every answered click is
     stored within seconds, not after the claim time (set to 60 s here to show it)."""
-    import psutil
-
     data = tmp_path / "data"
     env = {"TRACKER_WORKERS": "2", "TRACKER_CLAIM_IDLE_MS": "60000"}
     served = Served(backing, data, "all", **env)
@@ -240,9 +238,7 @@ async def test_sigkill_of_every_process_then_a_restart_recovers_at_once(
 
         async def kill_everything() -> None:
             await asyncio.sleep(1.0)
-            parent = psutil.Process(served.proc.pid)
-            for process in [parent, *parent.children(recursive=True)]:
-                process.kill()
+            served.kill_everything()
 
         killer = asyncio.create_task(kill_everything())
         answered = await burst(served.base, "all", 20_000, concurrency=50, tries=1)

@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-import pycountry
-
 from .. import money
 from ..errors import bad_request
 
@@ -96,8 +94,8 @@ def _money(name: str, value: str) -> Decimal:
 
 
 def _currency(value: str) -> str:
-    code = value.upper()
-    if len(code) != 3 or not code.isalpha() or pycountry.currencies.get(alpha_3=code) is None:
+    code = money.currency(value)
+    if code is None:
         raise bad_request("invalid_currency", "currency must be an ISO 4217 code such as USD",
                           "currency")
     return code

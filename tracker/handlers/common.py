@@ -24,12 +24,18 @@ def require_token(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "the bearer token is not valid")
 
 
-async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body, refused with 413 past `limit` (before reading it, when it says so)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes")
     raw = await request.read()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
+    if len(raw) > limit:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes")
+    return raw
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await read_body(request)
     if not raw.strip():
         raise bad_request("invalid_json", "the body must be a JSON object")
     try:

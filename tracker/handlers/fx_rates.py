@@ -17,11 +17,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-import pycountry
 from aiohttp import web
 
 from .. import money
-from ..errors import bad_request
+from ..errors import bad_request, object_with
 from ..keys import FX, PG
 from ..storage import fx as store
 from .common import json_response, read_json
@@ -48,11 +47,11 @@ def _day(value: Any, field: str) -> date:
 
 
 def _currency(value: Any, field: str) -> str:
-    if not isinstance(value, str) or len(value) != 3 or not value.isalpha() \
-            or pycountry.currencies.get(alpha_3=value.upper()) is None:
+    code = money.currency(value)
+    if code is None:
         raise bad_request("invalid_currency", f"{field} must be an ISO 4217 code such as USD",
                           field)
-    return value.upper()
+    return code
 
 
 def _rate(value: Any, field: str) -> Decimal:
@@ -84,13 +83,7 @@ def _view(row: Any) -> dict[str, Any]:
 
 
 async def put(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("invalid_body", "the body must be a JSON object")
-    unknown = set(body) - FIELDS
-    if unknown:
-        name = sorted(unknown)[0]
-        raise bad_request("unknown_field", f"unknown field {name!r}", name)
+    body = object_with(await read_json(request), FIELDS)
     day = _today() if body.get("date") is None else _day(body["date"], "date")
     if body.get("base") is None:
         raise bad_request("required", "base is required: the currency the rates are of", "base")

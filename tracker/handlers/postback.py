@@ -25,6 +25,7 @@ from ..errors import ApiError, bad_request, error_response
 from ..ingest.track import LAST_CLICK_COOKIE
 from ..ingest.visitor import Hit, client_ip
 from ..keys import CONVERSIONS, SETTINGS
+from .common import read_body
 from ..metrics import DropReason
 from .tracking import NO_STORE, PIXEL, Answer, error_answer, response_of
 
@@ -49,11 +50,7 @@ def _reject(exc: ApiError) -> None:
 async def _body_pairs(request: web.Request) -> list[tuple[str, str]]:
     if not request.body_exists:
         return []
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
-    raw = await request.read()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY} bytes")
+    raw = await read_body(request, MAX_BODY)
     if not raw.strip():
         return []
     kind = request.content_type
@@ -170,25 +167,23 @@ def _request_address(request: web.Request) -> str:
                       ",".join(request.headers.getall("X-Forwarded-For", ())))
 
 
-async def postback(request: web.Request) -> web.StreamResponse:
+async def _postback(request: web.Request, binom: bool) -> web.StreamResponse:
     try:
         pairs = list(request.query.items()) + await _body_pairs(request)
     except ApiError as exc:
         _reject(exc)
         return error_response(exc)
     return response_of(await answer_postback(request.app, request.method, pairs,
-                                             _request_address(request)))
+                                             _request_address(request), binom=binom))
+
+
+async def postback(request: web.Request) -> web.StreamResponse:
+    return await _postback(request, binom=False)
 
 
 async def binom(request: web.Request) -> web.StreamResponse:
     """Binom's postback address, `/click.php?cnv_id=…`: only its conversion form is ours."""
-    try:
-        pairs = list(request.query.items()) + await _body_pairs(request)
-    except ApiError as exc:
-        _reject(exc)
-        return error_response(exc)
-    return response_of(await answer_postback(request.app, request.method, pairs,
-                                             _request_address(request), binom=True))
+    return await _postback(request, binom=True)
 
 
 async def pixel(request: web.Request) -> web.StreamResponse:
