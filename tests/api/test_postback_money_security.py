@@ -75,5 +75,11 @@ async def test_signed_postbacks_with_either_secret_once_and_in_time(
     assert (status, body["error"]["code"]) == (401, "unauthorized")
     status, body = await postback(s, signed(old, now + 1, amount="1", status="approved"))
     assert (status, body["status"]) == (200, "updated")
+    # A signed postback the rules refuse does not spend its signature: the network's retry
+    # of the same URL is refused for the same reason, not as a replay.
+    backwards = signed(new, now + 2, amount="1", status="pending")
+    for _ in range(2):
+        status, body = await postback(s, backwards)
+        assert (status, body["error"]["code"]) == (409, "invalid_transition")
     await flush(s)
     assert await pg.fetchval("SELECT count(*) FROM conversion_history") == 2

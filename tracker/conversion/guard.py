@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 
 from ..campaigns import Campaign
 from .params import ConversionInput
-from .security import (Unauthorized, check_token, remember_signature, replay_key, replay_ttl,
-                       verify_signature)
+from .security import (SIG, Unauthorized, check_token, forget_signature, remember_signature,
+                       replay_key, replay_ttl, verify_signature)
 
 
 class PostbackGuard:
@@ -32,3 +32,10 @@ class PostbackGuard:
         if not await remember_signature(self._redis, replay_key(self._prefix, signature),
                                         replay_ttl(self._tolerance)):
             raise Unauthorized("this signed postback was already received (a replay)", "sig")
+
+    async def forget(self, ask: ConversionInput) -> None:
+        """The postback was refused or failed after its signature was spent (a 409, Redis
+        failing): the network sends the same signed URL again, and that must not be 401."""
+        signature = next((value for name, value in ask.pairs if name == SIG), None)
+        if signature:
+            await forget_signature(self._redis, replay_key(self._prefix, signature))

@@ -16,6 +16,7 @@ Where the state comes from:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 import asyncpg
 import orjson
+from redis.exceptions import RedisError
 from ulid import ULID
 
 from .. import money
@@ -58,6 +60,8 @@ class Rates(Protocol):
 
 class Authorize(Protocol):
     async def __call__(self, campaign: Campaign, ask: ConversionInput) -> None: ...
+
+    async def forget(self, ask: ConversionInput) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,24 @@ class ConversionRecorder:
         if campaign is None:
             raise unknown_click()
         await self._authorize(campaign, ask)
+        try:
+            return await self._decide_and_write(ask, click_ulid, click, campaign, field,
+                                                (version_raw, event_raw, since), source, address)
+        except BaseException:
+            if ask.signed:
+                with contextlib.suppress(RedisError):
+                    await self._authorize.forget(ask)
+            raise
+
+    async def _decide_and_write(self, ask: ConversionInput, click_ulid: ULID,
+                                click: dict[str, Any], campaign: Campaign, field: str,
+                                seen_in_redis: tuple[bytes | None, bytes | None, bytes | None],
+                                source: str, address: str) -> Recorded:
+        """The rules applied to the conversion's state, and the result written (compare and
+        set: decided again if another postback changed it meanwhile)."""
+        version_raw, event_raw, since = seen_in_redis
+        click_id = str(click_ulid)
+        states_key = self._keys.conversions(click_id)
         conv_id = conversion_id(click_ulid, ask.event, ask.txid)
         seen = int(version_raw or 0)
         current = _state_of(event_raw)
