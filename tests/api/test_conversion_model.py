@@ -90,10 +90,10 @@ async def test_random_postback_sequences_match_the_model(
     assert Decimal(totals["pending_revenue"]) == sum(pending, Decimal(0))
     # The rollups reconcile with a raw recount of the stored conversion rows.
     recount = await pg.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'approved') AS conversions,"
-        " coalesce(sum(revenue) FILTER (WHERE status = 'approved'), 0) AS revenue,"
-        " count(*) FILTER (WHERE status = 'pending') AS pending,"
-        " coalesce(sum(revenue) FILTER (WHERE status = 'pending'), 0) AS pending_revenue"
+        "SELECT count(*) FILTER (WHERE c.status = 'approved') AS conversions,"
+        " coalesce(sum(revenue) FILTER (WHERE c.status = 'approved'), 0) AS revenue,"
+        " count(*) FILTER (WHERE c.status = 'pending') AS pending,"
+        " coalesce(sum(revenue) FILTER (WHERE c.status = 'pending'), 0) AS pending_revenue"
         " FROM conversions c JOIN campaigns k ON k.id = c.campaign_id WHERE k.slug = $1", slug)
     assert (totals["conversions"], Decimal(totals["revenue"]), totals["pending_conversions"],
             Decimal(totals["pending_revenue"])) == (recount["conversions"], recount["revenue"],
