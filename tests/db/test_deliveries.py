@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from tracker.app import DELIVERER_STOP_SECONDS
 from tracker.outbound.deliverer import Deliverer
 from tracker.settings import Settings
 from tracker.storage import db, deliveries
@@ -338,6 +339,29 @@ async def test_leaving_hands_back_the_tries_in_flight_within_its_bound(
     # Due at once for whoever comes next, not after the 60 s lease.
     assert row["state"] == "pending" and row["tries"] == 0
     assert leased["next_try_at"] - row["next_try_at"] > timedelta(seconds=50)
+    assert await pg.fetchval("SELECT next_try_at <= now() FROM postback_deliveries "
+                             "WHERE id = $1", delivery_id)
+
+
+async def test_a_worker_leaving_with_a_try_in_flight_stays_within_its_bound(
+        outbound: Settings, pg: asyncpg.Connection, receiver: Receiver) -> None:
+    """SIGTERM as worker.py does it: the try in flight has until DELIVERER_STOP_SECONDS after
+    leaving began, is then cut short, and its row is handed back, due now."""
+    delivery_id, _ = await add_delivery(pg, receiver.url("/stuck", HANG))
+    runner, running = await start(outbound.with_(postback_timeout_seconds=30))
+    try:
+        async def in_flight() -> bool:
+            return receiver.count("/stuck") == 1
+
+        assert await eventually(in_flight)
+    finally:
+        await running.close()
+        started = time.monotonic()
+        await runner.cleanup()
+        took = time.monotonic() - started
+    assert DELIVERER_STOP_SECONDS <= took < DELIVERER_STOP_SECONDS + 1.0, took
+    row = await delivery(pg, delivery_id)
+    assert row["state"] == "pending" and row["tries"] == 0
     assert await pg.fetchval("SELECT next_try_at <= now() FROM postback_deliveries "
                              "WHERE id = $1", delivery_id)
 
