@@ -107,7 +107,8 @@ class Deliverer:
         self._tries: set[asyncio.Task[None]] = set()
         # Claimed and not yet recorded: delivery id → its tries when claimed.
         self._held: dict[int, int] = {}
-        # When this worker's own retries fall due (monotonic): it wakes up for them.
+        # When this worker's own retries due within a poll fall due (monotonic): it wakes up
+        # for them.
         self._due: list[float] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -301,7 +302,10 @@ class Deliverer:
             return bool(recorded)
 
     def _retry_at(self, when: datetime, now: datetime) -> None:
-        due = time.monotonic() + max(0.0, (when - now).total_seconds())
+        delay = max(0.0, (when - now).total_seconds())
+        if delay >= self._poll:
+            return  # the polls find it, at most a poll late: only the near ones are kept
+        due = time.monotonic() + delay
         if not self._due or due < self._due[0]:
             self._wake.set()  # sooner than the pause under way: recompute it
         heapq.heappush(self._due, due)
