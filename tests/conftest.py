@@ -279,10 +279,12 @@ class Runner:
 _slots = iter(range(1_000_000))
 
 
-async def start(settings: Settings, *, run_writer: bool = True) -> tuple[Runner, Running]:
+async def start(settings: Settings, *, run_writer: bool = True,
+                run_deliverer: bool = True) -> tuple[Runner, Running]:
     # A slot of its own per worker, as the supervisor gives: two in-process workers of one
     # test must not share a writer name.
-    app = create_app(settings, run_writer=run_writer, slot=next(_slots))
+    app = create_app(settings, run_writer=run_writer, run_deliverer=run_deliverer,
+                     slot=next(_slots))
     runner = runner_for(app)
     await runner.setup()
     sockets = contextlib.AsyncExitStack()

@@ -1,14 +1,19 @@
 """create_app(settings) → the aiohttp application of one worker.
 
 Resources open in this order and close in reverse: PostgreSQL, exchange rates, Redis, the
-tracking pieces (buffer, spool, request tracker), campaign cache, partition upkeep, batch
+tracking pieces (buffer, spool, request tracker), campaign cache, conversion recorder,
+partition upkeep, postback deliverer, batch
 writer. Nothing here waits for PostgreSQL or Redis to answer: a worker starts, and answers
 redirects, during an outage of either, and catches up in the background.
 
 Leaving (SIGTERM, see worker.py): the servers stop accepting and answer what is in flight
-(IN_FLIGHT_SECONDS), then the batch writer finishes its batch (WRITER_STOP_SECONDS) and
-drains the stream (DRAIN_SECONDS), then the rest closes (CLOSE_SECONDS each). Together they
-stay under the supervisor's 10 s before it kills a worker.
+(IN_FLIGHT_SECONDS); the deliverer stops claiming (on_shutdown) while its tries in flight go
+on; the batch writer finishes its batch (WRITER_STOP_SECONDS) and drains the stream
+(DRAIN_SECONDS); then the deliverer's tries still in flight DELIVERER_STOP_SECONDS after it
+stopped claiming are cancelled and handed back; then the rest closes (CLOSE_SECONDS each).
+The deliverer closes after the writer so that its grace runs alongside the writer's flush, not
+after it: it adds at most its release (deliverer.RELEASE_SECONDS) to the leaving. Together
+they stay under the supervisor's 10 s before it kills a worker.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
-from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, FX, PG, REDIS, REDIS_KEYS, RUN_WRITER,
-                   SETTINGS, TRACKER, UPKEEP, WORKER_SLOT, WRITER)
+from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, DELIVERER, FX, PG, REDIS, REDIS_KEYS,
+                   RUN_DELIVERER, RUN_WRITER, SETTINGS, TRACKER, UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
+from .outbound.deliverer import Deliverer
 from .settings import Settings
 from .storage import db
 from .upkeep import PartitionUpkeep
@@ -45,6 +51,9 @@ IN_FLIGHT_SECONDS = 2.0
 WRITER_STOP_SECONDS = 1.5
 DRAIN_SECONDS = 3.0
 CLOSE_SECONDS = 1.0
+# Tries in flight when leaving may finish within this much after the deliverer stopped
+# claiming (most receivers answer well within it); what is left is tried again later.
+DELIVERER_STOP_SECONDS = 1.0
 REDIS_CONNECTIONS = 256
 REDIS_WAIT_SECONDS = 2.0
 
@@ -129,6 +138,21 @@ async def partitions(app: web.Application) -> AsyncIterator[None]:
     await upkeep.stop()
 
 
+async def postback_deliverer(app: web.Application) -> AsyncIterator[None]:
+    app[DELIVERER] = deliverer = Deliverer(app[PG], app[SETTINGS])
+    if app[RUN_DELIVERER]:
+        deliverer.start()
+    yield
+    await deliverer.stop(DELIVERER_STOP_SECONDS)
+
+
+async def stop_claiming_postbacks(app: web.Application) -> None:
+    # At the start of leaving, before the cleanup contexts: nothing new is claimed while the
+    # writer flushes, and the tries in flight have the writer's time to finish.
+    if DELIVERER in app:
+        app[DELIVERER].stop_claiming()
+
+
 async def batch_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     writer = BatchWriter(
@@ -162,15 +186,18 @@ async def batch_writer(app: web.Application) -> AsyncIterator[None]:
     await writer.close()
 
 
-def create_app(settings: Settings, *, run_writer: bool = True, slot: int = 0) -> web.Application:
+def create_app(settings: Settings, *, run_writer: bool = True, run_deliverer: bool = True,
+               slot: int = 0) -> web.Application:
     """The app of worker `slot` (0 .. TRACKER_WORKERS-1): the slot names its batch writer, so
     a restarted worker takes up the batch its predecessor in that slot left pending."""
     app = web.Application(middlewares=[observe], client_max_size=256 * 1024)
     app[SETTINGS] = settings
     app[RUN_WRITER] = run_writer
+    app[RUN_DELIVERER] = run_deliverer
     app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
         [postgres, fx_rates, redis_client, tracking, campaign_cache, conversions, partitions,
-         batch_writer])
+         postback_deliverer, batch_writer])
+    app.on_shutdown.append(stop_claiming_postbacks)
     routes.setup(app)
     return app

@@ -12,6 +12,7 @@ from .conversion.record import ConversionRecorder
 from .ingest.buffer import EventBuffer, Keys
 from .ingest.track import RequestTracker
 from .ingest.writer import BatchWriter
+from .outbound.deliverer import Deliverer
 from .settings import Settings
 from .upkeep import PartitionUpkeep
 
@@ -26,7 +27,10 @@ TRACKER = web.AppKey("tracker", RequestTracker)
 WRITER = web.AppKey("writer", BatchWriter)
 CONVERSIONS = web.AppKey("conversions", ConversionRecorder)
 UPKEEP = web.AppKey("upkeep", PartitionUpkeep)
+DELIVERER = web.AppKey("deliverer", Deliverer)
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)
+# Tests that watch delivery rows keep them still; the service always delivers.
+RUN_DELIVERER = web.AppKey("run_deliverer", bool)
 # Which of the supervisor's workers this is (0 .. TRACKER_WORKERS-1).
 WORKER_SLOT = web.AppKey("worker_slot", int)

@@ -121,9 +121,10 @@ async def test_a_worker_with_nothing_known_answers_503_until_postgres_answers(
 async def test_unknown_slugs_never_reach_postgres(settings: Settings, backing: tuple[str, str]) -> None:
     proxy = PgProxy(backing[0])
     await proxy.start()
-    # Slow periodic refresh: only what the probes cause is counted.
+    # Slow periodic refresh and no postback polling: only what the probes cause is counted.
     runner, running = await start(settings.with_(database_url=proxy.url,
-                                                 campaign_refresh_seconds=3600))
+                                                 campaign_refresh_seconds=3600),
+                                  run_deliverer=False)
     try:
         await running.create_campaign(slug="known")
         await asyncio.sleep(1.0)  # the start's loads and the creation's reload are done

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import orjson
 from aiohttp import web
@@ -19,6 +20,7 @@ from ..attribution import DEFAULT_MODEL, UnknownModel
 from ..attribution_view import attribution_view
 from ..keys import PG, REDIS, REDIS_KEYS, SETTINGS
 from ..storage import conversions as store
+from ..storage import deliveries
 from .common import json_response
 
 VIEW_TEXTS = ("event", "txid", "status", "raw_status", "currency", "customer_id", "source",
@@ -125,8 +127,9 @@ async def of_click(app: web.Application, click_id: str) -> list[dict[str, Any]]:
     return sorted(views, key=lambda v: (v["time"], v["conversion_id"]))
 
 
-async def _find(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
-    """(PostgreSQL's row, Redis's copy) of the conversion the path names; 404 when neither."""
+async def _find(request: web.Request) -> tuple[UUID, Any, dict[str, Any] | None]:
+    """(its id, PostgreSQL's row, Redis's copy) of the conversion the path names; 404 when
+    neither has it."""
     raw = request.match_info["conversion_id"]
     ulid = parse_id(raw)
     if ulid is None:
@@ -147,13 +150,14 @@ async def _find(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
         if pointer is None and not await _redis_up(app):
             raise ApiError(503, "not_ready", "Redis is unavailable; try again shortly")
         raise not_found("no conversion has this id", code="unknown_conversion")
-    return row, recent
+    return id_uuid(ulid), row, recent
 
 
 async def get(request: web.Request) -> web.Response:
     app = request.app
-    row, recent = await _find(request)
+    conversion_uuid, row, recent = await _find(request)
     view = await _merged(app, row, recent, with_history=True)
+    view["postbacks"] = await deliveries.for_conversion(app[PG], conversion_uuid)
     # Imported here: the click lookup imports this module for a click's conversions.
     from .clicks import click_view
     view["click"] = await click_view(app, view["click_id"], with_conversions=False)
@@ -165,7 +169,7 @@ def _text(value: bytes | str) -> str:
 
 
 async def attribution(request: web.Request) -> web.Response:
-    row, recent = await _find(request)
+    _, row, recent = await _find(request)
     if row is not None:
         conversion: dict[str, Any] = dict(row)
     else:

@@ -1,0 +1,1 @@
+"""Outbound postbacks: calling the traffic source's postback URL when a conversion changes."""
