@@ -60,6 +60,7 @@ async def test_a_receiver_failing_three_times_gets_it_on_the_fourth(
         settings: Settings, pg: asyncpg.Connection) -> None:
     runner, s = await start(settings.with_(postback_allow_private=True, postback_backoff_ms=100))
     try:
+        before = await tries_counted(s)
         async with receiving(Receiver(failures=3)) as receiver:
             await s.create_campaign(slug="out", postback_url=receiver.url + TEMPLATE)
             r = await s.click("out", "ext_click_id=NET-42&sub1=a b")
@@ -83,12 +84,24 @@ async def test_a_receiver_failing_three_times_gets_it_on_the_fourth(
                                           "txid": "T1", "cur": "USD", "s1": "a b"}
             await asyncio.sleep(0.5)  # nothing more is sent once delivered
             assert len(receiver.calls) == 4
-        async with aiohttp.ClientSession() as http, http.get(s.url("/metrics")) as m:
-            text = await m.text()
-        assert 'tracker_outbound_postbacks_total{outcome="delivered"} 1.0' in text
+        after = await tries_counted(s)
+        assert (after["delivered"] - before["delivered"], after["retry"] - before["retry"]) == (1, 3)
     finally:
         await s.close()
         await runner.cleanup()
+
+
+async def tries_counted(s: Any) -> dict[str, float]:
+    """tracker_outbound_postbacks_total by outcome, as /metrics says (this process's counters
+    outlive a test, so a test compares before and after)."""
+    async with aiohttp.ClientSession() as http, http.get(s.url("/metrics")) as m:
+        text = await m.text()
+    counted = {"delivered": 0.0, "retry": 0.0}
+    for line in text.splitlines():
+        if line.startswith('tracker_outbound_postbacks_total{outcome="'):
+            outcome = line.split('"')[1]
+            counted[outcome] = float(line.rsplit(" ", 1)[1])
+    return counted
 
 
 async def test_approved_only_campaigns_call_back_on_approval(
