@@ -24,15 +24,29 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TO_PYTHON = str.maketrans(_CROCKFORD + _CROCKFORD.lower(), "0123456789abcdefghijklmnopqrstuv" * 2)
 
 
-def decode_id(text: str) -> tuple[uuid.UUID, datetime]:
-    """(uuid, time) of a ULID written by new_id; ValueError when `text` is not one."""
+def id_int(text: str) -> int:
+    """The 128-bit number a ULID's text spells; ValueError when `text` is not one."""
     if len(text) != 26 or not text.isascii():
         raise ValueError(f"not a ULID: {text!r}")
     digits = text.translate(_TO_PYTHON)
     if not digits.isalnum() or digits[0] > "7":
         raise ValueError(f"not a ULID: {text!r}")
-    value = int(digits, 32)
+    return int(digits, 32)
+
+
+def decode_id(text: str) -> tuple[uuid.UUID, datetime]:
+    """(uuid, time) of a ULID written by new_id; ValueError when `text` is not one."""
+    value = id_int(text)
     return uuid.UUID(int=value), datetime.fromtimestamp((value >> 80) / 1000, UTC)
+
+
+def encode_id(value: int) -> str:
+    """The ULID text of a 128-bit number (what str(ULID) gives, at a fraction of its cost)."""
+    digits = []
+    for _ in range(26):
+        digits.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(digits))
 
 
 def parse_id(text: str) -> ULID | None:

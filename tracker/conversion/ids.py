@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 
-from ulid import ULID
+from ..ids import encode_id, id_int
 
 
-def conversion_id(click: ULID, event: str, txid: str) -> str:
-    identity = f"{click}\x1f{event}\x1f{txid}".encode()
-    digest = hashlib.sha256(identity).digest()
-    return str(ULID.from_bytes(click.bytes[:6] + digest[:10]))
+def conversion_id(click_id: str, event: str, txid: str) -> str:
+    """`click_id` in its canonical (upper-case) spelling."""
+    digest = hashlib.sha256(f"{click_id}\x1f{event}\x1f{txid}".encode()).digest()
+    millisecond = id_int(click_id) >> 80
+    return encode_id(millisecond << 80 | int.from_bytes(digest[:10], "big"))
 
 
 def state_field(event: str, txid: str) -> str:
