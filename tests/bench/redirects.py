@@ -215,6 +215,7 @@ async def run(args: argparse.Namespace) -> int:
                     campaign_id = (await r.json())["id"]
             pg = await asyncpg.connect(db_url)
             redis = aioredis.Redis.from_url(redis_url)
+            memory_before = int((await redis.info("memory"))["used_memory"])
             # Interleaved, so that a slow moment of the machine falls on every row alike.
             for _ in range(args.runs):
                 if nginx is not None:
@@ -225,6 +226,9 @@ async def run(args: argparse.Namespace) -> int:
             while await redis.xlen(f"{prefix}events") > 0 and time.monotonic() - load_end < 120:
                 await asyncio.sleep(0.05)
             drained = time.monotonic() - load_end
+            # What Redis still holds for the clicks once their rows are committed (the
+            # read-your-writes copy, the uniqueness key: DESIGN.md's figure is ≤ 150 bytes).
+            memory_after = int((await redis.info("memory"))["used_memory"])
             stored = await pg.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id)
             lag = await pg.fetchrow(
                 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY written_at - ts) AS p50,"
@@ -263,6 +267,8 @@ async def run(args: argparse.Namespace) -> int:
     errors = int(sum(r["errors"] for r in rows["tracker"]))
     print(f"\nburst: {answered} clicks answered 302 ({errors} errors); "
           f"{stored} rows in PostgreSQL, rollups count {rolled}; backlog drained {drained:.2f} s after the load")
+    print(f"Redis after the drain: {(memory_after - memory_before) / max(answered, 1):.0f} bytes "
+          f"per answered click (used_memory growth; the goal is ≤ 150)")
     ms = lambda d: d.total_seconds() * 1000  # noqa: E731
     print(f"burst: answer → row (written_at - ts) p50 {ms(lag['p50']):.0f} ms, "
           f"p99 {ms(lag['p99']):.0f} ms, max {ms(lag['max']):.0f} ms")
