@@ -16,6 +16,7 @@ from .errors import HTTP_CODES, ApiError, error_body, error_response
 from .handlers.common import require_token
 from .keys import SETTINGS
 from .routes import ADMIN_PATHS
+from .storage.db import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc)
+    except UNREACHABLE:
+        # A lookup or report while PostgreSQL is away: not our bug, and it will pass.
+        response = error_response(ApiError(503, "not_ready", "PostgreSQL is unavailable; "
+                                           "try again shortly"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -20,6 +20,7 @@ import asyncpg
 
 from . import metrics
 from .storage import partitions
+from .storage.db import GONE, UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,8 @@ DAYS_BACK = 2
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 
-# PostgreSQL going or gone: the pass is retried with backoff rather than blamed on one day.
-GONE = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-        asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
-UNREACHABLE = GONE + (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)
+# PostgreSQL going or gone (storage/db.py): the pass is retried with backoff rather than
+# blamed on one day.
 # What fails one step (one table and day, one retention step) and no other: an error
 # PostgreSQL answered with, or a statement past the pool's command timeout (a day with very
 # many DEFAULT rows to move), which asyncpg cancels on the server. Retrying that one at once,

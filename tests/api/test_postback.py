@@ -245,3 +245,18 @@ async def test_the_conversion_pixel_always_answers_its_gif(
         text = await m.text()
     assert 'tracker_events_dropped_total{reason="unknown_click",type="conversion"}' in text
     assert 'tracker_events_total{outcome="accepted",type="conversion"}' in text
+
+
+async def test_lookups_while_postgres_is_away_answer_503_not_500(settings: Any) -> None:
+    from ..conftest import start
+
+    # A database URL nothing listens on: every lookup that reaches PostgreSQL fails to connect.
+    runner, s = await start(settings.with_(database_url="postgresql://postgres@127.0.0.1:9/none"))
+    try:
+        for path in ("/api/clicks/01JD0000000000000000000000",
+                     "/api/conversions/01JD0000000000000000000000", "/api/reports"):
+            status, body = await s.api("GET", path)
+            assert (status, body["error"]["code"]) == (503, "not_ready"), (path, body)
+    finally:
+        await s.close()
+        await runner.cleanup()

@@ -33,7 +33,7 @@ import asyncpg
 
 from .. import metrics, money
 from ..storage import fx as store
-from ..upkeep import UNREACHABLE
+from ..storage.db import UNREACHABLE
 
 FRESH_SECONDS = 1.0
 # A refresh that takes longer than this (PostgreSQL slowed down, or gone without refusing

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 import orjson
+
+# PostgreSQL going or gone, and not answering at all: what callers wait out or answer 503
+# for, rather than blame on a statement.
+GONE = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
+UNREACHABLE = GONE + (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
