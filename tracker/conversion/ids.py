@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 
-from ..ids import encode_id, id_int
+from ..ids import encode_id
 
 
-def conversion_id(click_id: str, event: str, txid: str) -> str:
-    """`click_id` in its canonical (upper-case) spelling."""
+def conversion_id(click_id: str, click_ms: int, event: str, txid: str) -> str:
+    """`click_id` in its canonical (upper-case) spelling, `click_ms` its time (the caller has
+    parsed it already)."""
     digest = hashlib.sha256(f"{click_id}\x1f{event}\x1f{txid}".encode()).digest()
-    millisecond = id_int(click_id) >> 80
-    return encode_id(millisecond << 80 | int.from_bytes(digest[:10], "big"))
+    return encode_id(click_ms << 80 | int.from_bytes(digest[:10], "big"))
 
 
 def state_field(event: str, txid: str) -> str:

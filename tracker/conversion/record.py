@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Protocol
+from uuid import UUID
 
 import asyncpg
 import orjson
 from redis.exceptions import RedisError
-from ulid import ULID
 
 from .. import money
 from ..campaign_cache import CampaignCache
 from ..campaigns import Campaign
 from ..errors import ApiError
-from ..ids import id_time, id_uuid, parse_id
+from ..ids import decode_id, id_int
 from ..ingest.buffer import EventBuffer, Keys
 from ..ingest.visitor import mask_ip
 from ..macros import fill
@@ -103,10 +103,12 @@ class ConversionRecorder:
     async def record(self, ask: ConversionInput, source: str, address: str) -> Recorded:
         if ask.click_id is None:
             raise ApiError(400, "required", "click_id is required", "click_id")
-        click_ulid = parse_id(ask.click_id)
-        if click_ulid is None:
-            raise ApiError(400, "invalid_click_id", "click_id is not a click id of ours", "click_id")
-        click_id = ask.click_id.upper()  # what str(click_ulid) spells, without its cost
+        try:
+            click_value = id_int(ask.click_id)  # parsed once: its time, uuid and id follow
+        except ValueError:
+            raise ApiError(400, "invalid_click_id", "click_id is not a click id of ours",
+                           "click_id") from None
+        click_id = ask.click_id.upper()
         field = state_field(ask.event, ask.txid)
         states_key = self._keys.conversions(click_id)
         # One round trip for everything Redis may know.
@@ -114,13 +116,13 @@ class ConversionRecorder:
             self._buffer.call("GET", self._keys.click(click_id)),
             self._buffer.call("HMGET", states_key, f"v:{field}", f"e:{field}"),
             self._buffer.call("GET", self._keys.conversions_since))
-        click = await self._click(click_ulid, copy)
+        click = await self._click(click_value, copy)
         campaign = await self._campaigns.by_id(int(click["campaign_id"]))
         if campaign is None:
             raise unknown_click()
         await self._authorize(campaign, ask)
         try:
-            return await self._decide_and_write(ask, click_ulid, click_id, click, campaign,
+            return await self._decide_and_write(ask, click_value, click_id, click, campaign,
                                                 field, (version_raw, event_raw, since), source,
                                                 address)
         except BaseException:
@@ -129,7 +131,7 @@ class ConversionRecorder:
                     await self._authorize.forget(ask)
             raise
 
-    async def _decide_and_write(self, ask: ConversionInput, click_ulid: ULID, click_id: str,
+    async def _decide_and_write(self, ask: ConversionInput, click_value: int, click_id: str,
                                 click: dict[str, Any], campaign: Campaign, field: str,
                                 seen_in_redis: tuple[bytes | None, bytes | None, bytes | None],
                                 source: str, address: str) -> Recorded:
@@ -137,10 +139,10 @@ class ConversionRecorder:
         set: decided again if another postback changed it meanwhile)."""
         version_raw, event_raw, since = seen_in_redis
         states_key = self._keys.conversions(click_id)
-        conv_id = conversion_id(click_id, ask.event, ask.txid)
+        conv_id = conversion_id(click_id, click_value >> 80, ask.event, ask.txid)
         seen = int(version_raw or 0)
         current = _state_of(event_raw)
-        if current is None and not self._surely_new(click_ulid, since):
+        if current is None and not self._surely_new(click_value >> 80, since):
             current = await self._stored_state(conv_id)
         for _ in range(MAX_ROUNDS):
             now_ms = _now_ms()
@@ -169,24 +171,25 @@ class ConversionRecorder:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _click(self, ulid: ULID, copy: bytes | None) -> dict[str, Any]:
+    async def _click(self, click_value: int, copy: bytes | None) -> dict[str, Any]:
         if copy is not None:
             data: dict[str, Any] = orjson.loads(copy)
             return data
-        row = await click_store.get(self._pool, id_uuid(ulid), id_time(ulid))
+        ts = datetime.fromtimestamp((click_value >> 80) / 1000, UTC)
+        row = await click_store.get(self._pool, UUID(int=click_value), ts)
         if row is None:
             raise unknown_click()
         return dict(row)
 
-    def _surely_new(self, click: ULID, since: bytes | None) -> bool:
+    def _surely_new(self, click_ms: int, since: bytes | None) -> bool:
         """Whether Redis would hold this click's conversion states if it had any."""
         if since is None:
             return False
         oldest = max(int(since), _now_ms() - self._ttl * 1000)
-        return click.milliseconds >= oldest
+        return click_ms >= oldest
 
     async def _stored_state(self, conv_id: str) -> rules.State | None:
-        row = await store.state(self._pool, id_uuid(ULID.from_str(conv_id)))
+        row = await store.state(self._pool, decode_id(conv_id)[0])
         if row is None:
             return None
         return rules.State(
