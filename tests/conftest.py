@@ -33,6 +33,7 @@ from aiohttp import web
 
 from tracker.app import create_app
 from tracker.embedded import embedded_postgres, embedded_redis
+from tracker.redis_keys import Keys
 from tracker.keys import WRITER
 from tracker.settings import Settings
 from tracker.storage.migrations import migrate
@@ -64,8 +65,9 @@ def _processes_of_this_session() -> dict[int, psutil.Process]:
         try:
             if process.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if (process.environ().get("TRACKER_TEST_SESSION") == SESSION_MARK
-                    or process.exe().startswith(OUR_BINARIES)):
+            mark = process.environ().get("TRACKER_TEST_SESSION")
+            # Another session's (a second pytest from this checkout) is never ours.
+            if mark == SESSION_MARK or (mark is None and process.exe().startswith(OUR_BINARIES)):
                 found[process.pid] = process
         except psutil.Error:
             continue
@@ -172,11 +174,13 @@ async def settings(backing: tuple[str, str], pg: asyncpg.Connection,
         data_dir=tmp_path, redis_prefix=prefix, batch_wait_ms=20, country_header="CF-IPCountry",
         # Short-lived keys: a shared Redis is left with nothing that outlives the hour.
         click_cache_ttl=60, unique_window=3600,
+        # TRACKER_REDIS_SHARDS=4 runs the suite on sharded streams and hash-tagged keys.
+        redis_shards=Settings.from_env().redis_shards,
     )
-    # The stream is the one key without a TTL. (No SCAN: on a Redis holding millions of
+    # The streams are the keys without a TTL. (No SCAN: on a Redis holding millions of
     # keys it would cost seconds per test.)
     redis = aioredis.Redis.from_url(backing[1])
-    await redis.delete(f"{prefix}events")
+    await redis.delete(*Keys(prefix, max(Settings.from_env().redis_shards, 1)).streams)
     await redis.aclose()
 
 
