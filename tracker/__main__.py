@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         with servers(settings.database_url, settings.redis_url if args.replay else "unused",
                      settings.data_dir) as found:
             if args.replay:
-                count = asyncio.run(replay(found.database_url, found.redis_url,
-                                           settings.redis_prefix))
+                count = asyncio.run(replay(settings.with_(database_url=found.database_url,
+                                                          redis_url=found.redis_url)))
                 print(f"replayed {count} events into the stream")
             else:
                 print(asyncio.run(show(found.database_url)))

@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from aiohttp import web
 
@@ -32,7 +31,8 @@ from .campaign_cache import CampaignCache
 from .conversion.fx import FxRates
 from .conversion.guard import PostbackGuard
 from .conversion.record import ConversionRecorder
-from .ingest.buffer import EventBuffer, Keys
+from .ingest.buffer import EventBuffer
+from .redis_keys import Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
@@ -41,6 +41,8 @@ from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, DELIVERER, FX, PG, REDIS, RED
                    RUN_DELIVERER, RUN_WRITER, SETTINGS, TRACKER, UPKEEP, WORKER_SLOT, WRITER)
 from .middleware import observe
 from .outbound.deliverer import Deliverer
+from .redis_client import connect as connect_redis
+from .redis_keys import keys_for
 from .settings import Settings
 from .storage import db
 from .upkeep import PartitionUpkeep
@@ -75,14 +77,9 @@ async def fx_rates(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # A blocking pool: at a burst, requests wait a moment for a connection instead of failing.
-    # A Redis that hangs instead of failing must not hang redirects: reads time out too.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_SECONDS,
-        socket_connect_timeout=REDIS_WAIT_SECONDS, socket_timeout=REDIS_WAIT_SECONDS,
-        health_check_interval=30)
-    app[REDIS] = aioredis.Redis(connection_pool=pool)
-    app[REDIS_KEYS] = Keys(settings.redis_prefix)
+    url = settings.redis_url
+    app[REDIS] = connect_redis(url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_SECONDS)
+    app[REDIS_KEYS] = keys_for(settings)
     yield
     try:
         await asyncio.wait_for(app[REDIS].aclose(), CLOSE_SECONDS)

@@ -26,13 +26,13 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
 from .campaigns import SLUG, Campaign
-from .ingest.buffer import Keys
+from .redis_keys import Keys
 from .storage import campaigns as store
+from .redis_client import Client, ready
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ SNAPSHOT_FIELDS = ("id", "slug", "status", "destination_url", "rotation", "fallb
 
 
 class CampaignCache:
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys,
+    def __init__(self, pool: asyncpg.Pool, redis: Client, keys: Keys,
                  snapshot: Path, refresh_seconds: float) -> None:
         self._pool = pool
         self._redis = redis
@@ -167,8 +167,9 @@ class CampaignCache:
                 if row is not None:
                     pipe.set(self._keys.campaign(row["slug"]), orjson.dumps(_json_of(row)),
                              ex=RECENT_SECONDS)
-                pipe.publish(self._channel, str(campaign_id))
                 await pipe.execute()
+            # Not in the pipeline: a Cluster pipeline carries only commands bound to a slot.
+            await self._redis.publish(self._channel, str(campaign_id))
         except RedisError as exc:
             metrics.BACKEND_ERRORS.labels("redis").inc()
             self._warn("redis", exc)
@@ -222,6 +223,7 @@ class CampaignCache:
         delay = 0.5
         while True:
             try:
+                await ready(self._redis)
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
                     self._recovered("redis")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncpg
-import redis.asyncio as aioredis
+from .redis_client import Client
 from aiohttp import web
 
 from .campaign_cache import CampaignCache
 from .conversion.fx import FxRates
 from .conversion.record import ConversionRecorder
-from .ingest.buffer import EventBuffer, Keys
+from .ingest.buffer import EventBuffer
+from .redis_keys import Keys
 from .ingest.track import RequestTracker
 from .ingest.writer import BatchWriter
 from .outbound.deliverer import Deliverer
@@ -19,7 +20,7 @@ from .upkeep import PartitionUpkeep
 SETTINGS = web.AppKey("settings", Settings)
 PG = web.AppKey("pg", asyncpg.Pool)
 FX = web.AppKey("fx", FxRates)
-REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS: web.AppKey[Client] = web.AppKey("redis")
 REDIS_KEYS = web.AppKey("redis_keys", Keys)
 CAMPAIGNS = web.AppKey("campaigns", CampaignCache)
 BUFFER = web.AppKey("buffer", EventBuffer)

@@ -7,9 +7,9 @@ stored once (its id is fixed, so a replay repeated after a crash counts nothing 
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
-from .ingest.buffer import Keys
+from .redis_client import connect
+from .redis_keys import keys_for
+from .settings import Settings
 from .storage import db
 from .storage import dead_letters as store
 
@@ -28,14 +28,14 @@ async def show(database_url: str) -> str:
                      for r in rows)
 
 
-async def replay(database_url: str, redis_url: str, prefix: str) -> int:
+async def replay(settings: Settings) -> int:
     """Put every dead letter present now back into the stream; return how many.
 
     Only those present when the replay starts: an event the writers refuse again comes back
     as a new row while we work, and chasing it would replay forever."""
-    conn = await db.connect(database_url)
-    redis = aioredis.Redis.from_url(redis_url)
-    stream = Keys(prefix).stream
+    conn = await db.connect(settings.database_url)
+    redis = connect(settings.redis_url, max_connections=4, timeout=10.0)
+    stream = keys_for(settings).stream
     replayed = 0
     try:
         up_to = await store.last_id(conn)

@@ -39,6 +39,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def _shards(env: Mapping[str, str]) -> int:
+    shards = _int(env, "TRACKER_REDIS_SHARDS", 0)
+    if shards > 1024:
+        raise SettingsError(f"TRACKER_REDIS_SHARDS must be at most 1024, got {shards}")
+    return shards
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the data lives. Empty means the embedded default (started by `tracker serve`).
@@ -58,6 +65,10 @@ class Settings:
     migrate_on_start: bool = True
     # Prefix of every Redis key, so that several deployments (or test runs) share one Redis.
     redis_prefix: str = "tracker:"
+    # How many event streams (shards) the events are spread over; 0: one on a single Redis,
+    # 16 on a Redis Cluster. Every instance must agree. Changing it starts the uniqueness
+    # windows afresh (a visitor's key moves to another shard).
+    redis_shards: int = 0
     # Batch writer: up to batch_size events, or whatever arrived within batch_wait_ms.
     batch_size: int = 5000
     batch_wait_ms: int = 100
@@ -129,6 +140,7 @@ class Settings:
             data_dir=Path(env.get("TRACKER_DATA_DIR", "").strip() or ".tracker-data"),
             migrate_on_start=_bool(env, "TRACKER_MIGRATE", True),
             redis_prefix=env.get("TRACKER_REDIS_PREFIX", "").strip() or "tracker:",
+            redis_shards=_shards(env),
             batch_size=_int(env, "TRACKER_BATCH_SIZE", 5000, minimum=1),
             batch_wait_ms=_int(env, "TRACKER_BATCH_WAIT_MS", 100, minimum=1),
             batch_linger_ms=_int(env, "TRACKER_BATCH_LINGER_MS", 50),

@@ -7,6 +7,8 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import redis.asyncio as aioredis
 
+from tracker.redis_keys import keys_for
+
 from ..conftest import Running, eventually, flush
 
 
@@ -31,12 +33,17 @@ async def test_a_click_is_found_the_moment_its_redirect_was_sent(
     assert body["destination"] == r.headers["Location"]
     assert body["cost"] == "0.1" and body["conversions"] == []
 
-    # Once written and gone from Redis, PostgreSQL answers the same.
-    await flush(s)
-    assert await pg.fetchval("SELECT count(*) FROM clicks") == 1
+    # Once its row is committed, the writer drops the click's Redis copy (what Redis keeps of
+    # a stored click is its uniqueness key alone), and PostgreSQL answers the same.
+    copy = keys_for(s.settings).click(click_id)
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    await redis.delete(f"{s.settings.redis_prefix}click:{click_id}")
-    await redis.aclose()
+    try:
+        assert await redis.exists(copy)
+        await flush(s)
+        assert await pg.fetchval("SELECT count(*) FROM clicks") == 1
+        assert not await redis.exists(copy)
+    finally:
+        await redis.aclose()
     status, from_db = await s.api("GET", f"/api/clicks/{click_id}")
     assert status == 200
     assert from_db == body

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from tracker.embedded import servers
 from tracker.ids import new_id
-from tracker.ingest.buffer import Keys
+from tracker.redis_keys import Keys
 from tracker.ingest.writer import BatchWriter
 from tracker.storage import db, partitions
 from tracker.storage import events as store

@@ -19,8 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tracker.ids import new_id, uuid_to_id
-from tracker.ingest.buffer import Keys
-
+from tracker.redis_keys import keys_for
 from tracker.settings import Settings
 
 from ..conftest import BROWSER, Running, Served, eventually
@@ -128,7 +127,7 @@ async def test_writer_cancelled_mid_batch_loses_and_doubles_nothing(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         await final.step(block=False)
-        if await redis.xlen(Keys(s.settings.redis_prefix).stream) == 0:
+        if await redis.xlen(keys_for(s.settings).stream) == 0:
             break
         await asyncio.sleep(0.1)
     await redis.aclose()
@@ -206,7 +205,7 @@ async def test_sigterm_under_load_loses_nothing_and_exits_in_time(
         assert served.proc.wait(timeout=20) == 0
         assert stopped_in[0] < 10, stopped_in
         assert 0 < len(answered) < 20_000, "SIGTERM did not land during the burst"
-        stream = Keys(served.prefix).stream
+        stream = keys_for(Settings.from_env().with_(redis_prefix=served.prefix)).stream
         print(f"answered {len(answered)}; stopped in {stopped_in[0]:.2f} s;"
               f" left in the stream {await redis.xlen(stream)}")
         # The next start's writer: drain what the stopped service left in the stream.

@@ -10,8 +10,8 @@ import pytest
 import orjson
 import redis.asyncio as aioredis
 
-from tracker.ingest.buffer import Keys
 from tracker.ingest.writer import BatchWriter
+from tracker.redis_keys import keys_for
 from tracker.settings import Settings
 from tracker.storage import db
 
@@ -22,12 +22,12 @@ from ..conftest import Running, eventually, flush
 def writer_for(settings: Settings, redis: aioredis.Redis, **kwargs: int) -> BatchWriter:
     options = {"batch_size": 500, "wait_ms": 10, "claim_idle_ms": 30_000} | kwargs
     return BatchWriter(redis, lambda: db.connect(settings.database_url),
-                       Keys(settings.redis_prefix), **options)
+                       keys_for(settings), **options)
 
 
 async def add(redis: aioredis.Redis, settings: Settings, events: list[dict]) -> None:  # type: ignore[type-arg]
     for event in events:
-        await redis.xadd(Keys(settings.redis_prefix).stream, {"e": orjson.dumps(event)})
+        await redis.xadd(keys_for(settings).stream, {"e": orjson.dumps(event)})
 
 
 async def counts(pg: asyncpg.Connection) -> tuple[int, int, int, int]:
@@ -48,7 +48,7 @@ async def test_a_replayed_batch_changes_nothing(quiet_service: Running, pg: asyn
     await writer.ensure_group()
     await add(redis, s.settings, [click(c["id"], now, pub=str(i % 3)) for i in range(50)]
               + [impression(c["id"], now) for _ in range(20)])
-    batch = await writer._read(">")
+    batch = await writer._read(0, ">")
     assert len(batch) == 70
     await writer.write(batch)
     first = await counts(pg)
@@ -81,7 +81,7 @@ async def test_a_poison_event_goes_to_dead_letters_and_the_rest_is_written(
     assert len(dead) == 2
     assert any("bad\\u0000value" in d["payload"] for d in dead)
     assert any("not-a-ulid" in d["payload"] for d in dead)
-    assert await redis.xlen(Keys(s.settings.redis_prefix).stream) == 0
+    assert await redis.xlen(keys_for(s.settings).stream) == 0
     await redis.aclose()
 
 
@@ -91,11 +91,11 @@ async def test_entries_left_by_a_dead_writer_are_claimed(
     c = await s.create_campaign(slug="claim")
     now = datetime.now(UTC)
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    keys = Keys(s.settings.redis_prefix)
+    keys = keys_for(s.settings)
     dead = writer_for(s.settings, redis, batch_size=40)
     await dead.ensure_group()
     await add(redis, s.settings, [click(c["id"], now) for _ in range(100)])
-    assert len(await dead._read(">")) == 40  # read, then the process died
+    assert len(await dead._read(0, ">")) == 40  # read, then the process died
     live = writer_for(s.settings, redis, claim_idle_ms=200)
     await asyncio.sleep(0.3)
     while await live.step(block=False):
@@ -126,11 +126,11 @@ async def test_dead_letters_replay_once_the_cause_is_gone(
     listed = subprocess.run([sys.executable, "-m", "tracker", "dead-letters"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "InvalidTextRepresentationError" in listed.stdout
-    assert await replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix) == 1
+    assert await replay(s.settings) == 1
     assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
     await flush(s)
     assert await counts(pg) == (1, 0, 1, 0)
-    assert await replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix) == 0
+    assert await replay(s.settings) == 0
 
 
 BAD_EVENTS = {
@@ -168,7 +168,7 @@ async def test_nulls_wrong_types_and_missing_keys_go_alone_to_dead_letters(
     assert await asyncio.wait_for(writer.step(block=False), 30) == len(mixed)
     assert await counts(pg) == (len(good), 0, len(good), 0)
     assert await pg.fetchval("SELECT count(*) FROM dead_letters") == len(bad)
-    assert await redis.xlen(Keys(s.settings.redis_prefix).stream) == 0
+    assert await redis.xlen(keys_for(s.settings).stream) == 0
     await redis.aclose()
 
 
@@ -211,7 +211,7 @@ async def test_replay_ends_while_writers_refuse_the_same_events_again(
     await pg.executemany("INSERT INTO dead_letters (stream_id, payload, error) VALUES ($1, $2, 'x')",
                          [(f"{i}-0", poison) for i in range(POISON)])
     replayed = await asyncio.wait_for(
-        replay(s.settings.database_url, s.settings.redis_url, s.settings.redis_prefix), 60)
+        replay(s.settings), 60)
     assert replayed == POISON
     # The writer refused each again: back in dead_letters once each, under their new ids.
     async def refused_again() -> bool:
@@ -231,7 +231,7 @@ async def test_a_live_writer_waiting_out_postgres_keeps_its_batch(
     s = quiet_service
     c = await s.create_campaign(slug="busy")
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    keys = Keys(s.settings.redis_prefix)
+    keys = keys_for(s.settings)
     await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(50)])
     away = asyncio.Event()
     away.set()
@@ -268,11 +268,11 @@ async def test_gone_writers_are_claimed_from_then_removed_from_the_group(
     s = quiet_service
     c = await s.create_campaign(slug="gone")
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    keys = Keys(s.settings.redis_prefix)
+    keys = keys_for(s.settings)
     await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(30)])
     holder = writer_for(s.settings, redis, batch_size=30)
     await holder.ensure_group()
-    assert len(await holder._read(">")) == 30  # read, then its process died
+    assert len(await holder._read(0, ">")) == 30  # read, then its process died
     await redis.xgroup_createconsumer(keys.stream, keys.group, "left-empty")
     live = writer_for(s.settings, redis, claim_idle_ms=200)
     await live._alive()
@@ -301,13 +301,13 @@ async def test_a_batch_read_after_the_last_heartbeat_is_claimed_not_orphaned(
     s = quiet_service
     c = await s.create_campaign(slug="orphan")
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    keys = Keys(s.settings.redis_prefix)
+    keys = keys_for(s.settings)
     await add(redis, s.settings, [click(c["id"], datetime.now(UTC)) for _ in range(20)])
     dying = writer_for(s.settings, redis, claim_idle_ms=400)
     await dying.ensure_group()
     await dying._alive()
     await asyncio.sleep(0.3)
-    assert len(await dying._read(">")) == 20  # then it died
+    assert len(await dying._read(0, ">")) == 20  # then it died
     await asyncio.sleep(0.15)  # its heartbeat has expired; its batch is 150 ms old
     live = writer_for(s.settings, redis, claim_idle_ms=400)
     deadline = asyncio.get_running_loop().time() + 10

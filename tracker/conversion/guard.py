@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import time
 
-import redis.asyncio as aioredis
-
 from ..campaigns import Campaign
+from ..redis_client import Client
 from .params import ConversionInput
 from .security import (SIG, Unauthorized, check_token, forget_signature, remember_signature,
                        replay_key, replay_ttl, verify_signature)
 
 
 class PostbackGuard:
-    def __init__(self, redis: aioredis.Redis, prefix: str, tolerance: int) -> None:
+    def __init__(self, redis: Client, prefix: str, tolerance: int) -> None:
         self._redis = redis
         self._prefix = prefix
         self._tolerance = tolerance

@@ -35,7 +35,8 @@ from ..campaign_cache import CampaignCache
 from ..campaigns import Campaign
 from ..errors import ApiError
 from ..ids import decode_id, id_int
-from ..ingest.buffer import EventBuffer, Keys
+from ..ingest.buffer import EventBuffer
+from ..redis_keys import Keys
 from ..ingest.visitor import mask_ip
 from ..macros import fill
 from ..storage import clicks as click_store
@@ -98,7 +99,9 @@ class ConversionRecorder:
 
     async def mark_complete_from_now(self) -> None:
         """Redis holds every conversion state from now on (SET NX: an older mark stays)."""
-        await self._buffer.call("SET", self._keys.conversions_since, _now_ms(), "NX")
+        now = _now_ms()
+        await asyncio.gather(*(self._buffer.call("SET", key, now, "NX")
+                               for key in self._keys.all_conversions_since()))
 
     async def record(self, ask: ConversionInput, source: str, address: str) -> Recorded:
         if ask.click_id is None:
@@ -115,7 +118,7 @@ class ConversionRecorder:
         copy, (version_raw, event_raw), since = await asyncio.gather(
             self._buffer.call("GET", self._keys.click(click_id)),
             self._buffer.call("HMGET", states_key, f"v:{field}", f"e:{field}"),
-            self._buffer.call("GET", self._keys.conversions_since))
+            self._buffer.call("GET", self._keys.conversions_since(click_id)))
         click = await self._click(click_value, copy)
         campaign = await self._campaigns.by_id(int(click["campaign_id"]))
         if campaign is None:
@@ -156,8 +159,8 @@ class ConversionRecorder:
                                               "raw_status", "amount", "currency", "revenue",
                                               "source_net", "source")}
             done = await self._buffer.record_conversion(
-                [self._keys.stream, states_key, self._keys.conversions_since,
-                 self._keys.conversion(conv_id)],
+                [self._keys.click_stream(click_id), states_key,
+                 self._keys.conversions_since(click_id), self._keys.conversion(conv_id, click_id)],
                 [field, seen, state.version, orjson.dumps(event), orjson.dumps(history),
                  self._ttl, now_ms, f"{click_id}\x1f{field}"])
             if done:

@@ -25,9 +25,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
-
 from ..errors import ApiError
+from ..redis_client import Client
 
 SIG = "sig"
 TS = "ts"
@@ -128,7 +127,7 @@ def replay_key(prefix: str, signature: str) -> str:
     return f"{prefix}sig:{signature[:_REPLAY_KEY_HEX]}"
 
 
-async def remember_signature(redis: aioredis.Redis, key: str, ttl: int) -> bool:
+async def remember_signature(redis: Client, key: str, ttl: int) -> bool:
     """True the first time a signature is seen; False for a replay (the caller answers 401).
 
     One SET NX EX: the check and the mark are one step, so two concurrent sendings of one
@@ -140,7 +139,7 @@ async def remember_signature(redis: aioredis.Redis, key: str, ttl: int) -> bool:
     return bool(await redis.set(key, b"1", nx=True, ex=ttl))
 
 
-async def forget_signature(redis: aioredis.Redis, key: str) -> None:
+async def forget_signature(redis: Client, key: str) -> None:
     """Undo remember_signature when the postback could not be recorded after all (its
     append failed): the network sends the same signed URL again, and that retry must pass."""
     await redis.delete(key)

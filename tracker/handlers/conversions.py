@@ -4,6 +4,7 @@ it, so both are read and the higher version wins; the history is the union of bo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -18,7 +19,7 @@ from ..errors import ApiError, bad_request, not_found
 from ..ids import id_uuid, parse_id, uuid_to_id
 from ..attribution import DEFAULT_MODEL, UnknownModel
 from ..attribution_view import attribution_view
-from ..keys import PG, REDIS, REDIS_KEYS, SETTINGS
+from ..keys import BUFFER, PG, REDIS, REDIS_KEYS, SETTINGS
 from ..storage import conversions as store
 from ..storage import deliveries
 from .common import json_response
@@ -140,7 +141,10 @@ async def _find(request: web.Request) -> tuple[UUID, Any, dict[str, Any] | None]
     row = await store.get(app[PG], id_uuid(ulid))
     recent = None
     try:
-        pointer = await app[REDIS].get(app[REDIS_KEYS].conversion(conversion_id))
+        # Its id does not spell its shard: asked of every shard, in one pipeline.
+        found = await asyncio.gather(*(app[BUFFER].call("GET", key) for key in
+                                       app[REDIS_KEYS].conversion_everywhere(conversion_id)))
+        pointer = next((p for p in found if p is not None), None)
     except RedisError:
         pointer = None
     if pointer is not None:

@@ -18,19 +18,22 @@ from typing import Any
 
 import hiredis
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import metrics
+from ..redis_client import Client
+from ..redis_keys import Keys
 
 # KEYS: 1 stream, 2 click copy (read-your-writes), 3 uniqueness key (absent for bots)
 # ARGV: 1 event JSON without its closing brace, 2 click copy TTL, 3 uniqueness window
-# The script completes the JSON with is_unique so the stream and the copy agree.
+# The script completes the JSON with is_unique so the stream and the copy agree. The entry
+# names the copy (field k), which the writer deletes once the click's row is committed.
 RECORD_CLICK = """
 local unique = 'false'
 if #KEYS >= 3 and redis.call('EXISTS', KEYS[3]) == 0 then unique = 'true' end
 local event = ARGV[1] .. ',"is_unique":' .. unique .. '}'
-redis.call('XADD', KEYS[1], '*', 'e', event)
+redis.call('XADD', KEYS[1], '*', 'e', event, 'k', KEYS[2])
 redis.call('SET', KEYS[2], event, 'EX', ARGV[2])
 if unique == 'true' then redis.call('SET', KEYS[3], '1', 'EX', ARGV[3]) end
 if unique == 'true' then return 1 end
@@ -61,50 +64,11 @@ return 1
 SCRIPTS = (RECORD_CLICK, RECORD_CONVERSION)
 
 
-class Keys:
-    """Every Redis key and channel name, built in one place."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.stream = f"{prefix}events"
-        self.group = "writers"
-        self.campaigns_channel = f"{prefix}campaigns"
-
-    def click(self, click_id: str) -> str:
-        return f"{self.prefix}click:{click_id}"
-
-    def unique(self, campaign_id: int, visitor_id: str) -> str:
-        return f"{self.prefix}u:{campaign_id}:{visitor_id}"
-
-    def campaign(self, slug: str) -> str:
-        """A campaign changed a moment ago, for workers that have not loaded it yet."""
-        return f"{self.prefix}campaign:{slug}"
-
-    def conversions(self, click_id: str) -> str:
-        """A click's conversions' states: v:<f> version, e:<f> latest event, h:<f>:<n>
-        history, for each conversion f (event, txid) of the click."""
-        return f"{self.prefix}conv:{click_id}"
-
-    @property
-    def conversions_since(self) -> str:
-        """From when (ms) Redis holds every conversion state (set when missing: at start,
-        and after Redis lost its data)."""
-        return f"{self.prefix}conv-since"
-
-    def conversion(self, conversion_id: str) -> str:
-        """A conversion id's click and field, for lookups by id before PostgreSQL has it."""
-        return f"{self.prefix}convid:{conversion_id}"
-
-    def writer_alive(self, consumer: str) -> str:
-        """Set by a live batch writer, expiring claim_idle_ms after its last heartbeat."""
-        return f"{self.prefix}writer:{consumer}"
-
-
 Command = tuple[Any, ...]
 
 
 class EventBuffer:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, click_ttl: int, unique_window: int) -> None:
+    def __init__(self, redis: Client, keys: Keys, click_ttl: int, unique_window: int) -> None:
         self._redis = redis
         self._keys = keys
         self._click_ttl = click_ttl
@@ -115,12 +79,18 @@ class EventBuffer:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
+    def stamp(self, click_id: str, campaign_id: int, visitor_id: str) -> str:
+        """A new click id spelling the shard of the visit (see Keys)."""
+        return self._keys.stamp(click_id, self._keys.visit_shard(campaign_id, visitor_id))
+
     async def record_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> bool:
         """Buffer a click; return whether it is the visitor's first on this campaign within
         the window. Bots never take a visitor's uniqueness."""
-        keys = [self._keys.stream, self._keys.click(event["id"])]
+        # The click id spells this shard (RequestTracker stamps it): one slot for all three.
+        shard = self._keys.visit_shard(event["campaign_id"], visitor_id)
+        keys = [self._keys.streams[shard], self._keys.click(event["id"], shard)]
         if not is_bot:
-            keys.append(self._keys.unique(event["campaign_id"], visitor_id))
+            keys.append(self._keys.unique(shard, event["campaign_id"], visitor_id))
         body = orjson.dumps(event)[:-1]
         unique = await self._call(("EVALSHA", self._click_sha, len(keys), *keys, body,
                                    self._click_ttl, self._unique_window))
@@ -128,7 +98,8 @@ class EventBuffer:
 
     async def record(self, event: dict[str, Any]) -> None:
         """Buffer an event that needs no dedupe (an impression)."""
-        await self._call(("XADD", self._keys.stream, "*", "e", orjson.dumps(event)))
+        stream = self._keys.streams[self._keys.visit_shard(event["campaign_id"], event["visitor_id"])]
+        await self._call(("XADD", stream, "*", "e", orjson.dumps(event)))
 
     async def record_conversion(self, keys: list[str], args: list[Any]) -> bool:
         """Compare-and-set a conversion's state and buffer its event (RECORD_CONVERSION)."""
@@ -193,10 +164,18 @@ class EventBuffer:
                 future.set_result(result)
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        """Send commands on one pooled connection and read their replies in order; an error
-        reply stands in its place. hiredis packs the commands in C: redis-py's own pipeline
-        packs in Python, which cost more than the rest of a click."""
-        pool = self._redis.connection_pool
+        """Send commands and read their replies in order; an error reply stands in its place.
+        On one server: on one pooled connection, packed by hiredis in C (redis-py's own
+        pipeline packs in Python, which cost more than the rest of a click). On a Cluster:
+        redis-py's cluster pipeline, which sends each node its commands and follows the
+        cluster as slots move."""
+        redis = self._redis
+        if isinstance(redis, RedisCluster):
+            pipe = redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        pool = redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.send_packed_command(b"".join(map(hiredis.pack_command, commands)))

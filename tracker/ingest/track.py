@@ -76,8 +76,8 @@ class RequestTracker:
         return url, fill(template, values)
 
     async def click(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> Click:
-        click_id = str(new_id())
         visitor_id = self.visitor_id(hit)
+        click_id = self._buffer.stamp(str(new_id()), campaign.id, visitor_id)
         _, location = self.location(campaign, params, click_id)
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {

@@ -1,10 +1,15 @@
 """The batch writer: Redis Stream → PostgreSQL, exactly once.
 
 XREADGROUP up to N events (or what came within T ms) → one transaction that COPYs them in,
-inserts what is new and folds it into rollups → COMMIT → XACK + XDEL. A crash anywhere before
-the XACK leaves the entries pending; this writer retries them, the next worker of its slot
-reads them at start, or, once its heartbeat has expired, another writer claims them; the
-replay inserts nothing twice. Knows nothing of HTTP.
+inserts what is new and folds it into rollups → COMMIT → XACK + XDEL, and the committed
+clicks' Redis copies deleted (PostgreSQL answers for them now). A crash anywhere before the
+XACK leaves the entries pending; this writer retries them, the next worker of its slot reads
+them at start, or, once its heartbeat has expired, another writer claims them; the replay
+inserts nothing twice. Knows nothing of HTTP.
+
+Sharded (Redis Cluster), every writer reads every shard's stream in one pipelined round and
+writes what it got as one batch; a shard's entries are acknowledged beside its stream, one
+script per shard.
 """
 
 from __future__ import annotations
@@ -22,17 +27,18 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .. import metrics
 from ..storage import conversions as conversion_store
 from ..storage import events as store
-from .buffer import Keys
+from ..redis_keys import Keys
+from ..redis_client import Client
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[bytes, bytes]]
+Taken = tuple[int, list[Entry]]  # a shard, and entries read from its stream
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 # Errors that blame a row's values, not PostgreSQL nor our code: SQLSTATE class 22 (data
@@ -48,14 +54,19 @@ def blames_a_row(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
 
 
-# Written entries are acknowledged and leave the stream, so its length is the backlog.
-# KEYS: stream; ARGV: group, ids...
+# Written entries are acknowledged and leave the stream, so its length is the backlog; the
+# copies of the clicks among them go too (what Redis keeps of a stored click is its
+# uniqueness key alone).
+# KEYS: stream, click copies...; ARGV: group, ids...
 ACK_AND_DELETE = """
 local group = ARGV[1]
 for i = 2, #ARGV, 4000 do
     local ids = {unpack(ARGV, i, math.min(i + 3999, #ARGV))}
     redis.call('XACK', KEYS[1], group, unpack(ids))
     redis.call('XDEL', KEYS[1], unpack(ids))
+end
+for i = 2, #KEYS, 4000 do
+    redis.call('UNLINK', unpack(KEYS, i, math.min(i + 3999, #KEYS)))
 end
 return #ARGV - 1
 """
@@ -73,6 +84,9 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
 # A read at least this full means load: worth lingering for a fuller batch.
 LINGER_FROM = 32
+# Sharded, an idle writer looks at every stream this often (a blocking read waits on one
+# stream only).
+POLL_MS = 20
 
 
 def consumer_name(data_dir: Path | None = None, slot: int = 0) -> str:
@@ -86,7 +100,7 @@ def consumer_name(data_dir: Path | None = None, slot: int = 0) -> str:
 
 
 class BatchWriter:
-    def __init__(self, redis: aioredis.Redis, connect: Connect, keys: Keys, *,
+    def __init__(self, redis: Client, connect: Connect, keys: Keys, *,
                  batch_size: int, wait_ms: int, claim_idle_ms: int, linger_ms: int = 0,
                  consumer: str | None = None) -> None:
         self._redis = redis
@@ -101,8 +115,9 @@ class BatchWriter:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._next_gauge = 0.0
+        self._shards = range(keys.shards)
         # Entries read but not yet committed: retried before anything new is read.
-        self._held: list[Entry] = []
+        self._held: list[Taken] = []
         self._ack_script = redis.register_script(ACK_AND_DELETE)
         self._remove_script = redis.register_script(REMOVE_IF_GONE)
         self._warned: set[str] = set()
@@ -112,8 +127,13 @@ class BatchWriter:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def ensure_group(self) -> None:
+        for shard in self._shards:
+            await self._ensure_group(shard)
+
+    async def _ensure_group(self, shard: int) -> None:
         try:
-            await self._redis.xgroup_create(self._keys.stream, self._keys.group, id="0", mkstream=True)
+            await self._redis.xgroup_create(self._keys.streams[shard], self._keys.group, id="0",
+                                            mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -127,7 +147,7 @@ class BatchWriter:
                 await self._until_ok(self._alive)
                 await self._until_ok(self.ensure_group)
                 # Our own pending entries: what this slot read before it was killed.
-                self._held = await self._until_ok(lambda: self._read("0"))
+                self._held = await self._until_ok(lambda: self._read_all("0"))
             except _Stopped:
                 return
             backoff = 0.05
@@ -155,7 +175,10 @@ class BatchWriter:
         """Leaving for good: say so, so that whatever this writer still holds pending (a batch
         it could not finish) is claimed by a live writer at once, not after claim_idle_ms."""
         with contextlib.suppress(RedisError, OSError):
-            await self._redis.delete(self._keys.writer_alive(self.consumer))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for shard in self._shards:
+                    pipe.delete(self._keys.writer_alive(self.consumer, shard))
+                await pipe.execute()
         await self._close_conn()
 
     def stop(self) -> None:
@@ -180,25 +203,17 @@ class BatchWriter:
             self._next_gauge = now + 1.0
             await self.update_backlog_gauge()
         if not self._held:
-            try:
-                self._held = await self._take(now, block)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # No group yet, or Redis came back empty (restarted without its data): make
-                # it; the events arriving from now on (and the spool's replay) need it.
-                log.warning("the stream's consumer group is missing; creating it")
-                await self.ensure_group()
-                self._held = await self._take(now, block)
-        if not self._held:
+            self._held = await self._take(now, block)
+        batch = [entry for _, entries in self._held for entry in entries]
+        if not batch:
+            self._held = []
             return 0
-        batch = self._held
         await self.write(batch)
-        await self._ack([entry_id for entry_id, _ in batch])
+        await self._ack(self._held)
         self._held = []
         return len(batch)
 
-    async def _take(self, now: float, block: bool) -> list[Entry]:
+    async def _take(self, now: float, block: bool) -> list[Taken]:
         """The next batch: a gone writer's pending entries when it is time to look, else new
         ones."""
         if now >= self._next_claim:
@@ -206,36 +221,74 @@ class BatchWriter:
             claimed = await self.claim()
             if claimed:
                 return claimed
-        batch = await self._read(">", block=self.wait_ms if block else None)
+        if len(self._shards) == 1:
+            return await self._take_one(block)
+        taken = await self._read_all(">", self._per_shard(self.batch_size))
+        count = _count(taken)
+        if not count:
+            if block:
+                await self._sleep(min(self.wait_ms, POLL_MS) / 1000)
+            return []
+        if block and self.linger_ms and LINGER_FROM <= count < self.batch_size:
+            await asyncio.sleep(self.linger_ms / 1000)
+            taken += await self._read_all(">", self._per_shard(self.batch_size - count))
+        return taken
+
+    async def _take_one(self, block: bool) -> list[Taken]:
+        """Unsharded: one blocking read of the one stream."""
+        batch = await self._read(0, ">", block=self.wait_ms if block else None)
         if block and self.linger_ms and LINGER_FROM <= len(batch) < self.batch_size:
             # Under load, wait a moment for a fuller batch: each transaction's fixed cost
             # (COPY set-up, planning, the commit's fsync) is shared by more events. A trickle
             # is written at once, so light load keeps its low lag.
             await asyncio.sleep(self.linger_ms / 1000)
-            batch += await self._read(">", count=self.batch_size - len(batch))
-        return batch
+            batch += await self._read(0, ">", count=self.batch_size - len(batch))
+        return [(0, batch)] if batch else []
 
-    async def claim(self) -> list[Entry]:
+    def _per_shard(self, count: int) -> int:
+        return max(1, -(-count // len(self._shards)))
+
+    async def claim(self) -> list[Taken]:
         """The pending entries of writers that are gone (no heartbeat for claim_idle_ms), up to
         a batch; consumers that are gone and hold nothing more are removed from the group. A
         live writer's entries are never taken, however long it has held them."""
-        stream, group = self._keys.stream, self._keys.group
-        consumers = [c for c in await self._redis.xinfo_consumers(stream, group)
-                     if _s(c["name"]) != self.consumer]
+        taken: list[Taken] = []
+        room = self.batch_size
+        for shard in self._shards:
+            entries = await self._claim(shard, room)
+            if entries:
+                taken.append((shard, entries))
+                room -= len(entries)
+        claimed = _count(taken)
+        if claimed:
+            metrics.EVENTS_CLAIMED.inc(claimed)
+            log.info("claimed %d pending events from writers that are gone", claimed)
+        return taken
+
+    async def _claim(self, shard: int, room: int) -> list[Entry]:
+        stream, group = self._keys.streams[shard], self._keys.group
+        try:
+            consumers = [c for c in await self._redis.xinfo_consumers(stream, group)
+                         if _s(c["name"]) != self.consumer]
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
+            await self._ensure_group(shard)
+            return []
         if not consumers:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for consumer in consumers:
-                pipe.exists(self._keys.writer_alive(_s(consumer["name"])))
+                pipe.exists(self._keys.writer_alive(_s(consumer["name"]), shard))
             alive = await pipe.execute()
         entries: list[Entry] = []
         for consumer, is_alive in zip(consumers, alive):
             if is_alive:
                 continue
             name = _s(consumer["name"])
-            if int(consumer["pending"]) and len(entries) < self.batch_size:
+            if int(consumer["pending"]) and len(entries) < room:
                 ids: list[Any] = [p["message_id"] for p in await self._redis.xpending_range(
-                    stream, group, min="-", max="+", count=self.batch_size - len(entries),
+                    stream, group, min="-", max="+", count=room - len(entries),
                     consumername=name)]
                 # Heartbeats come every quarter of claim_idle_ms, so every entry of a writer
                 # whose key expired is older than three quarters of it: half takes them all,
@@ -244,16 +297,16 @@ class BatchWriter:
                     stream, group, self.consumer, min_idle_time=self.claim_idle_ms // 2,
                     message_ids=ids)
                 entries += [(_s(i), f) for i, f in claimed if f]
-            await self._remove_script(keys=[stream, self._keys.writer_alive(name)],
+            await self._remove_script(keys=[stream, self._keys.writer_alive(name, shard)],
                                       args=[group, name])
-        if entries:
-            metrics.EVENTS_CLAIMED.inc(len(entries))
-            log.info("claimed %d pending events from writers that are gone", len(entries))
         return entries
 
     async def _alive(self) -> None:
-        await self._redis.set(self._keys.writer_alive(self.consumer), os.getpid(),
-                              px=self.claim_idle_ms)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in self._shards:
+                pipe.set(self._keys.writer_alive(self.consumer, shard), os.getpid(),
+                         px=self.claim_idle_ms)
+            await pipe.execute()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -263,19 +316,56 @@ class BatchWriter:
             except Exception as exc:  # noqa: BLE001 - Redis away: nothing to claim from us then
                 self._note_failure(exc, count=False)
 
-    async def _read(self, start: str, block: int | None = None,
+    async def _read(self, shard: int, start: str, block: int | None = None,
                     count: int | None = None) -> list[Entry]:
-        reply: Any = await self._redis.xreadgroup(
-            self._keys.group, self.consumer, {self._keys.stream: start},
-            count=count or self.batch_size, block=block)
+        try:
+            reply: Any = await self._redis.xreadgroup(
+                self._keys.group, self.consumer, {self._keys.streams[shard]: start},
+                count=count or self.batch_size, block=block)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # No group yet, or Redis came back empty (restarted without its data): make it;
+            # the events arriving from now on (and the spool's replay) need it.
+            log.warning("the stream's consumer group is missing; creating it")
+            await self._ensure_group(shard)
+            return []
         if not reply:
             return []
         _, entries = reply[0]
         return [(_s(i), f) for i, f in entries if f]
 
-    async def _ack(self, ids: list[str]) -> None:
-        # One script, so the ids are encoded and sent once for both commands.
-        await self._ack_script(keys=[self._keys.stream], args=[self._keys.group, *ids])
+    async def _read_all(self, start: str, count: int | None = None) -> list[Taken]:
+        """One non-blocking read of every shard's stream, in one pipelined round."""
+        if len(self._shards) == 1:
+            entries = await self._read(0, start, count=count)
+            return [(0, entries)] if entries else []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in self._keys.streams:
+                pipe.xreadgroup(self._keys.group, self.consumer, {stream: start},
+                                count=count or self.batch_size)
+            replies = await pipe.execute(raise_on_error=False)
+        taken: list[Taken] = []
+        for shard, reply in enumerate(replies):
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                log.warning("a stream's consumer group is missing; creating it")
+                await self._ensure_group(shard)
+            elif isinstance(reply, Exception):
+                raise reply
+            elif reply:
+                entries = [(_s(i), f) for i, f in reply[0][1] if f]
+                if entries:
+                    taken.append((shard, entries))
+        return taken
+
+    async def _ack(self, taken: list[Taken]) -> None:
+        # One script per shard, in its slot, so the ids are encoded and sent once for both
+        # commands; the copies of the clicks written go with them.
+        await asyncio.gather(*(
+            self._ack_script(keys=[self._keys.streams[shard],
+                                   *(f[b"k"] for _, f in entries if b"k" in f)],
+                             args=[self._keys.group, *(entry_id for entry_id, _ in entries)])
+            for shard, entries in taken))
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
@@ -351,16 +441,16 @@ class BatchWriter:
     # -- bookkeeping -----------------------------------------------------------------------
 
     async def backlog(self) -> tuple[int, float]:
-        """(events not yet in PostgreSQL, age in seconds of the oldest)."""
+        """(events not yet in PostgreSQL, age in seconds of the oldest), over every shard."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(self._keys.stream)
-            pipe.xrange(self._keys.stream, count=1)
-            length, first = await pipe.execute()
-        age = 0.0
-        if first:
-            first_ms = int(_s(first[0][0]).split("-")[0])
-            age = max(0.0, time.time() - first_ms / 1000)
-        return int(length), age
+            for stream in self._keys.streams:
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+            replies = await pipe.execute()
+        length = sum(int(n) for n in replies[0::2])
+        firsts = [int(_s(first[0][0]).split("-")[0]) for first in replies[1::2] if first]
+        age = max(0.0, time.time() - min(firsts) / 1000) if firsts else 0.0
+        return length, age
 
     async def update_backlog_gauge(self) -> None:
         length, age = await self.backlog()
@@ -408,6 +498,10 @@ class BatchWriter:
 
 class _Stopped(Exception):
     """stop() was called while the writer still waited for Redis to start."""
+
+
+def _count(taken: list[Taken]) -> int:
+    return sum(len(entries) for _, entries in taken)
 
 
 def _s(value: bytes | str) -> str:

@@ -1,0 +1,77 @@
+"""Which Redis the service talks to: one server (`redis://`, `rediss://`, `unix://`) or a
+Redis Cluster (`redis+cluster://host:port[,host:port…]`, `rediss+cluster://` for TLS).
+
+Everything else sees one client type, `Client`: the commands the service sends are the same
+on both (every multi-key command and script keeps its keys in one slot, see ingest/buffer.Keys).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from .settings import SettingsError
+
+Client = aioredis.Redis | RedisCluster
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+# Shards of the event stream on a Cluster when TRACKER_REDIS_SHARDS is unset: a few per
+# master of a 3-to-5-master cluster, so that streams spread over every master and a writer
+# always finds work; one server needs only one stream.
+CLUSTER_SHARDS = 16
+
+
+def is_cluster(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def shards_for(url: str, configured: int) -> int:
+    """How many event streams: the setting, else one for a server, CLUSTER_SHARDS for a
+    Cluster."""
+    if configured:
+        return configured
+    return CLUSTER_SHARDS if is_cluster(url) else 1
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool]:
+    """(startup nodes, username, password, tls) of a redis+cluster URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise SettingsError(f"not a Redis Cluster URL: {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise SettingsError(f"REDIS_URL: each Cluster node must be host:port, got {item!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise SettingsError("REDIS_URL: a Redis Cluster has only database 0")
+    return (nodes, unquote(username) or None, unquote(password) or None,
+            CLUSTER_SCHEMES[parts.scheme])
+
+
+def connect(url: str, *, max_connections: int, timeout: float) -> Client:
+    """A client for `url`. A server's pool blocks when full (at a burst, requests wait a
+    moment for a connection instead of failing); a Redis that hangs instead of failing must
+    not hang redirects, so reads time out too."""
+    if not is_cluster(url):
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout,
+            socket_connect_timeout=timeout, socket_timeout=timeout, health_check_interval=30)
+        return aioredis.Redis(connection_pool=pool)
+    nodes, username, password, tls = cluster_nodes(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        username=username, password=password, ssl=tls, max_connections=max_connections,
+        socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+async def ready(client: Client) -> None:
+    """A Cluster client knows the slots' owners (commands learn them on first use, a pubsub
+    does not)."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
