@@ -157,6 +157,27 @@ async def test_unique_once_per_visitor_and_campaign_within_the_window(
         await runner.cleanup()
 
 
+async def test_one_visitors_clicks_at_once_are_one_unique(service: Running,
+                                                         pg: asyncpg.Connection) -> None:
+    """Clicks answered in the same moment are recorded by one Redis call: the visitor's first
+    one still takes the uniqueness, the others see it."""
+    await service.create_campaign(slug="burst")
+    visitor = (await service.click("burst")).cookies["tv"].value
+    cookie = {"Cookie": f"tv={visitor}"}
+    others = [service.click("burst") for _ in range(10)]  # new visitors, unique each
+    mine = [service.click("burst", headers=cookie) for _ in range(20)]
+    assert all(r.status == 302 for r in await asyncio.gather(*others, *mine))
+
+    async def all_31() -> list[asyncpg.Record] | None:
+        rows = await clicks_in_db(pg)
+        return rows if len(rows) == 31 else None
+
+    rows = await eventually(all_31)
+    assert rows is not None
+    assert sum(r["is_unique"] for r in rows if r["visitor_id"] == visitor) == 1
+    assert sum(r["is_unique"] for r in rows if r["visitor_id"] != visitor) == 10
+
+
 async def test_device_country_and_masked_ip_are_recorded(service: Running,
                                                         pg: asyncpg.Connection) -> None:
     await service.create_campaign(slug="geo")

@@ -25,19 +25,39 @@ from .. import metrics
 from ..redis_client import Client
 from ..redis_keys import Keys
 
-# KEYS: 1 stream, 2 click copy (read-your-writes), 3 uniqueness key (absent for bots)
-# ARGV: 1 event JSON without its closing brace, 2 click copy TTL, 3 uniqueness window
-# The script completes the JSON with is_unique so the stream and the copy agree. The entry
-# names the copy (field k), which the writer deletes once the click's row is committed.
-RECORD_CLICK = """
-local unique = 'false'
-if #KEYS >= 3 and redis.call('EXISTS', KEYS[3]) == 0 then unique = 'true' end
-local event = ARGV[1] .. ',"is_unique":' .. unique .. '}'
-redis.call('XADD', KEYS[1], '*', 'e', event, 'k', KEYS[2])
-redis.call('SET', KEYS[2], event, 'EX', ARGV[2])
-if unique == 'true' then redis.call('SET', KEYS[3], '1', 'EX', ARGV[3]) end
-if unique == 'true' then return 1 end
-return 0
+# The clicks of one tick and one shard, in order, in one call: a script call costs Redis as
+# much again as the commands inside it, and each reply costs the worker a parse.
+# KEYS: 1 stream, then per click: its copy (read-your-writes), and its uniqueness key unless
+#       it is a bot's
+# ARGV: 1 click copy TTL, 2 uniqueness window, then per click: its event JSON without the
+#       closing brace, '1' if a uniqueness key follows its copy in KEYS else '0'
+# Each event is completed with is_unique so the stream and the copy agree; its entry names
+# the copy (field k), which the writer deletes once the click's row is committed. A visitor's
+# second click in the same call sees the first one's key: one unique click.
+RECORD_CLICKS = """
+local out = {}
+local k = 2
+for i = 3, #ARGV, 2 do
+    local copy = KEYS[k]
+    k = k + 1
+    local seen = nil
+    local unique = 'false'
+    if ARGV[i + 1] == '1' then
+        seen = KEYS[k]
+        k = k + 1
+        if redis.call('EXISTS', seen) == 0 then unique = 'true' end
+    end
+    local event = ARGV[i] .. ',"is_unique":' .. unique .. '}'
+    redis.call('XADD', KEYS[1], '*', 'e', event, 'k', copy)
+    redis.call('SET', copy, event, 'EX', ARGV[1])
+    if unique == 'true' then
+        redis.call('SET', seen, '1', 'EX', ARGV[2])
+        out[#out + 1] = 1
+    else
+        out[#out + 1] = 0
+    end
+end
+return out
 """
 
 
@@ -61,7 +81,7 @@ redis.call('SET', KEYS[3], ARGV[7], 'NX')
 redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6])
 return 1
 """
-SCRIPTS = (RECORD_CLICK, RECORD_CONVERSION)
+SCRIPTS = (RECORD_CLICKS, RECORD_CONVERSION)
 
 
 Command = tuple[Any, ...]
@@ -73,9 +93,11 @@ class EventBuffer:
         self._keys = keys
         self._click_ttl = click_ttl
         self._unique_window = unique_window
-        self._click_sha = hashlib.sha1(RECORD_CLICK.encode()).hexdigest()
+        self._click_sha = hashlib.sha1(RECORD_CLICKS.encode()).hexdigest()
         self._conversion_sha = hashlib.sha1(RECORD_CONVERSION.encode()).hexdigest()
         self._queued: list[tuple[Command, asyncio.Future[Any]]] = []
+        # This tick's clicks by shard: (event JSON, copy key, uniqueness key or None, future).
+        self._clicks: dict[int, list[tuple[bytes, str, str | None, asyncio.Future[Any]]]] = {}
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -86,15 +108,15 @@ class EventBuffer:
     async def record_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> bool:
         """Buffer a click; return whether it is the visitor's first on this campaign within
         the window. Bots never take a visitor's uniqueness."""
-        # The click id spells this shard (RequestTracker stamps it): one slot for all three.
-        shard = self._keys.visit_shard(event["campaign_id"], visitor_id)
-        keys = [self._keys.streams[shard], self._keys.click(event["id"], shard)]
-        if not is_bot:
-            keys.append(self._keys.unique(shard, event["campaign_id"], visitor_id))
-        body = orjson.dumps(event)[:-1]
-        unique = await self._call(("EVALSHA", self._click_sha, len(keys), *keys, body,
-                                   self._click_ttl, self._unique_window))
-        return bool(unique)
+        # The click id spells this shard (RequestTracker stamps it): one slot for its keys.
+        keys = self._keys
+        shard = keys.visit_shard(event["campaign_id"], visitor_id)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._clicks.setdefault(shard, []).append((
+            orjson.dumps(event)[:-1], keys.click(event["id"], shard),
+            None if is_bot else keys.unique(shard, event["campaign_id"], visitor_id), future))
+        self._schedule()
+        return bool(await future)
 
     async def record(self, event: dict[str, Any]) -> None:
         """Buffer an event that needs no dedupe (an impression)."""
@@ -123,19 +145,34 @@ class EventBuffer:
     # -- one pipeline per tick -------------------------------------------------------------
 
     def _call(self, command: Command) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((command, future))
+        self._schedule()
+        return future
+
+    def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after every callback already due in this tick: those requests join in.
-            loop.call_soon(self._flush)
-        return future
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        loop = asyncio.get_running_loop()
+        for shard, clicks in self._clicks.items():
+            keys: list[str] = [self._keys.streams[shard]]
+            args: list[Any] = [self._click_ttl, self._unique_window]
+            for body, copy, seen, _ in clicks:
+                keys.append(copy)
+                if seen is not None:
+                    keys.append(seen)
+                args += (body, b"0" if seen is None else b"1")
+            together: asyncio.Future[Any] = loop.create_future()
+            together.add_done_callback(_fan_out([future for *_, future in clicks]))
+            batch.append((("EVALSHA", self._click_sha, len(keys), *keys, *args), together))
+        self._clicks = {}
+        task = loop.create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -192,3 +229,18 @@ class EventBuffer:
         finally:
             await pool.release(conn)
         return replies
+
+
+def _fan_out(futures: list[asyncio.Future[Any]]) -> Any:
+    """The callback that hands each click its part of the call's answer (or its error)."""
+    def done(together: asyncio.Future[Any]) -> None:
+        error = together.exception()
+        results = [] if error is not None else together.result()
+        for i, future in enumerate(futures):
+            if future.done():  # the request was cancelled (client went away)
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(results[i])
+    return done
