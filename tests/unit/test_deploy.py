@@ -130,12 +130,13 @@ def settings_variables() -> set[str]:
 
 def declared_metrics() -> dict[str, set[str]]:
     """Series name → label names, from tracker/metrics.py's Counter/Gauge/Histogram calls:
-    a counter exposes `<name>_total`, a histogram `_bucket` (with `le`), `_sum` and `_count`."""
+    a counter exposes `<name>_total`, a histogram `_bucket` (with `le`), `_sum` and `_count`;
+    a GlobalGauge (exported by one instance at a time) is a gauge without labels."""
     tree = ast.parse((ROOT / "tracker" / "metrics.py").read_text())
     series: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in ("Counter", "Gauge", "Histogram")):
+                and node.func.id in ("Counter", "Gauge", "GlobalGauge", "Histogram")):
             continue
         name = ast.literal_eval(node.args[0])
         labels: list[str] = []
@@ -146,7 +147,7 @@ def declared_metrics() -> dict[str, set[str]]:
                 labels = ast.literal_eval(keyword.value)
         if node.func.id == "Counter":
             series[name.removesuffix("_total") + "_total"] = set(labels)
-        elif node.func.id == "Gauge":
+        elif node.func.id in ("Gauge", "GlobalGauge"):
             series[name] = set(labels)
         else:
             series[name + "_bucket"] = set(labels) | {"le"}
