@@ -44,7 +44,8 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 SEVERITIES = {"critical", "warning"}
 REQUIRED_ALERTS = {
     "TrackerRedisDown", "TrackerPostgresDown", "TrackerWriteBacklogGrowing",
-    "TrackerWriteBacklogStale", "TrackerWriteLagHigh", "TrackerDeadLetters",
+    "TrackerWriteBacklogStale", "TrackerWriteBacklogOverLimit", "TrackerWriteLagHigh",
+    "TrackerDeadLetters",
     "TrackerEventsLostBufferUnavailable", "TrackerSpoolNotReplayed", "TrackerMetricsAbsent",
 }
 
@@ -557,6 +558,7 @@ def test_promtool_checks_the_compose_prometheus_config() -> None:
 # times, the alerts expected (their labels besides alertname; [] = none). Per-pod alerts keep
 # the target's labels (I), aggregated ones only the job (J).
 T0 = 'instance="t0:9100", job="tracker"'
+T1 = 'instance="t1:9100", job="tracker"'
 I = {"instance": "t0:9100", "job": "tracker"}
 J = {"job": "tracker"}
 CASES: list[dict[str, Any]] = [
@@ -609,6 +611,23 @@ CASES: list[dict[str, Any]] = [
     {"alert": "TrackerWriteBacklogGrowing",
      "series": {f"tracker_write_backlog_events{{{T0}}}": "0 500 0 800 " * 10,
                 f"tracker_write_backlog_oldest_age_seconds{{{T0}}}": "0.05x40"},
+     "expect": {"30m": []}},
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "0+100x40",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x40"},
+     "expect": {"9m": [], "12m": [J | {"severity": "critical"}]}},
+    # The lease moves from t0 to t1 (t0 stops exporting) while the backlog stays over its
+    # limit: one alert for the deployment, never one per pod.
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "2000x10",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x10",
+                f"tracker_write_backlog_events{{{T1}}}": "_x10 2000x20",
+                f"tracker_write_backlog_limit_events{{{T1}}}": "_x10 1000x20"},
+     "expect": {"5m": [J | {"severity": "critical"}], "10m": [J | {"severity": "critical"}],
+                "25m": [J | {"severity": "critical"}]}},
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "999x40",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x40"},
      "expect": {"30m": []}},
     {"alert": "TrackerWriteLagHigh",
      "series": {f'tracker_write_lag_seconds_bucket{{le="{le}", {T0}}}': values
