@@ -7,6 +7,12 @@ alert rules and the dashboard use is declared in tracker/metrics.py; the Prometh
 rules file; and, where promtool is installed (Debian's `prometheus` package), promtool checks
 the rules and the configuration and runs the alerts against made-up series. Without promtool
 those checks skip, unless TRACKER_REQUIRE_TOOLS=1 (CI) makes them fail.
+
+The scaled form (compose.scale.yaml, kubernetes-scale/) is checked the same way: its instances,
+Redis Cluster nodes, PgBouncer, load balancer and Prometheus agree with each other and with the
+image; nginx -t checks the balancer (nginx-light, required like promtool), and kubectl
+kustomize renders the kustomizations where kubectl is installed. (tests/db/
+test_redis_cluster_deploy.py runs the Redis Cluster configuration on real servers.)
 """
 
 from __future__ import annotations
