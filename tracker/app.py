@@ -3,8 +3,8 @@
 Resources open in this order and close in reverse: PostgreSQL, exchange rates, Redis, the
 tracking pieces (buffer, spool, request tracker), campaign cache, conversion recorder,
 partition upkeep, postback deliverer, batch
-writer. Nothing here waits for PostgreSQL or Redis to answer: a worker starts, and answers
-redirects, during an outage of either, and catches up in the background.
+writer, gauges lease. Nothing here waits for PostgreSQL or Redis to answer: a worker starts,
+and answers redirects, during an outage of either, and catches up in the background.
 
 Leaving (SIGTERM, see worker.py): the servers stop accepting and answer what is in flight
 (IN_FLIGHT_SECONDS); the deliverer stops claiming (on_shutdown) while its tries in flight go
@@ -37,8 +37,10 @@ from .ingest.spool import Spool
 from .ingest.track import RequestTracker
 from .ingest.visitor import Countries, UserAgents
 from .ingest.writer import BatchWriter, consumer_name
-from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, DELIVERER, FX, PG, REDIS, REDIS_KEYS,
-                   RUN_DELIVERER, RUN_WRITER, SETTINGS, TRACKER, UPKEEP, WORKER_SLOT, WRITER)
+from .keys import (BUFFER, CAMPAIGNS, CONVERSIONS, DELIVERER, FX, GAUGES_LEASE, PG, REDIS,
+                   REDIS_KEYS, RUN_DELIVERER, RUN_WRITER, SETTINGS, TRACKER, UPKEEP, WORKER_SLOT,
+                   WRITER)
+from .lease import Lease, gauges_key, instance_name
 from .middleware import observe
 from .outbound.deliverer import Deliverer
 from .redis_client import connect as connect_redis
@@ -183,6 +185,17 @@ async def batch_writer(app: web.Application) -> AsyncIterator[None]:
     await writer.close()
 
 
+async def gauges_lease(app: web.Application) -> AsyncIterator[None]:
+    # Last to open, so first to close: when leaving, another instance takes over the global
+    # gauges while this one still drains.
+    settings = app[SETTINGS]
+    app[GAUGES_LEASE] = lease = Lease(app[REDIS], gauges_key(settings.redis_prefix),
+                                      instance_name(settings.data_dir))
+    lease.start()
+    yield
+    await lease.stop()
+
+
 def create_app(settings: Settings, *, run_writer: bool = True, run_deliverer: bool = True,
                slot: int = 0) -> web.Application:
     """The app of worker `slot` (0 .. TRACKER_WORKERS-1): the slot names its batch writer, so
@@ -194,7 +207,7 @@ def create_app(settings: Settings, *, run_writer: bool = True, run_deliverer: bo
     app[WORKER_SLOT] = slot
     app.cleanup_ctx.extend(
         [postgres, fx_rates, redis_client, tracking, campaign_cache, conversions, partitions,
-         postback_deliverer, batch_writer])
+         postback_deliverer, batch_writer, gauges_lease])
     app.on_shutdown.append(stop_claiming_postbacks)
     routes.setup(app)
     return app

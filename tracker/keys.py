@@ -13,6 +13,7 @@ from .ingest.buffer import EventBuffer
 from .redis_keys import Keys
 from .ingest.track import RequestTracker
 from .ingest.writer import BatchWriter
+from .lease import Lease
 from .outbound.deliverer import Deliverer
 from .settings import Settings
 from .upkeep import PartitionUpkeep
@@ -29,6 +30,8 @@ WRITER = web.AppKey("writer", BatchWriter)
 CONVERSIONS = web.AppKey("conversions", ConversionRecorder)
 UPKEEP = web.AppKey("upkeep", PartitionUpkeep)
 DELIVERER = web.AppKey("deliverer", Deliverer)
+# Held by one instance at a time: that one exports the global gauges (metrics.GlobalGauge).
+GAUGES_LEASE = web.AppKey("gauges_lease", Lease)
 # Tests run the writer by hand to stop it mid-batch; the service always runs it.
 RUN_WRITER = web.AppKey("run_writer", bool)
 # Tests that watch delivery rows keep them still; the service always delivers.

@@ -2,15 +2,22 @@
 
 With several workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by
 `tracker serve`) sums every worker into the one /metrics answer.
+
+Everything in the registry is a figure of this instance, so a sum across instances is right.
+Figures of the whole deployment (the shared stream's backlog) are GlobalGauges instead: read
+at scrape time and exported by one instance at a time (lease.py). Aggregate them with max,
+which stays right while two instances both export during a handover of the lease.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -18,6 +25,18 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+
+class GlobalGauge:
+    """A figure of the whole deployment, not of this instance. Never in the registry: a sample
+    there is exported by every worker's and every instance's /metrics, and multiprocess mode
+    cannot take one back. render() adds it when this instance holds the gauges lease."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+
 
 # Sub-millisecond buckets: a redirect answers in well under 1 ms.
 LATENCY_BUCKETS = (
@@ -61,13 +80,16 @@ SPOOL = Counter(
 EVENTS_CLAIMED = Counter(
     "tracker_events_claimed_total", "Pending events claimed from writers that stopped"
 )
-BACKLOG = Gauge(
+BACKLOG = GlobalGauge(
     "tracker_write_backlog_events", "Events accepted but not yet in PostgreSQL",
-    multiprocess_mode="mostrecent",
 )
-BACKLOG_AGE = Gauge(
+BACKLOG_AGE = GlobalGauge(
     "tracker_write_backlog_oldest_age_seconds", "Age of the oldest event not yet in PostgreSQL",
-    multiprocess_mode="mostrecent",
+)
+# Exported with the backlog, so that an alert compares the two from the same instance.
+BACKLOG_LIMIT = GlobalGauge(
+    "tracker_write_backlog_limit_events",
+    "TRACKER_BACKLOG_LIMIT: from this many events in the backlog, /readyz answers 503",
 )
 POSTBACKS = Counter(
     "tracker_outbound_postbacks_total",
@@ -117,10 +139,25 @@ def dropped(kind: str, reason: DropReason) -> None:
     EVENTS_DROPPED.labels(kind, reason.value).inc()
 
 
-def render() -> tuple[bytes, str]:
-    """The text exposition of this process, or of every worker under multiprocess mode."""
+class _Figures:
+    """The global figures of one scrape, as a collector."""
+
+    def __init__(self, figures: Mapping[GlobalGauge, float]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        for gauge, value in self._figures.items():
+            yield GaugeMetricFamily(gauge.name, gauge.documentation, value=value)
+
+
+def render(figures: Mapping[GlobalGauge, float] | None = None) -> tuple[bytes, str]:
+    """The text exposition of this process, or of every worker under multiprocess mode, with
+    the global figures given (none: this instance does not export them)."""
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+    else:
+        registry.register(REGISTRY)
+    if figures:
+        registry.register(_Figures(figures))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -7,6 +7,12 @@ alert rules and the dashboard use is declared in tracker/metrics.py; the Prometh
 rules file; and, where promtool is installed (Debian's `prometheus` package), promtool checks
 the rules and the configuration and runs the alerts against made-up series. Without promtool
 those checks skip, unless TRACKER_REQUIRE_TOOLS=1 (CI) makes them fail.
+
+The scaled form (compose.scale.yaml, kubernetes-scale/) is checked the same way: its instances,
+Redis Cluster nodes, PgBouncer, load balancer and Prometheus agree with each other and with the
+image; nginx -t checks the balancer (nginx-light, required like promtool), and kubectl
+kustomize renders the kustomizations where kubectl is installed. (tests/db/
+test_redis_cluster_deploy.py runs the Redis Cluster configuration on real servers.)
 """
 
 from __future__ import annotations
@@ -38,13 +44,17 @@ PROMETHEUS = DEPLOY / "prometheus"
 RULES = PROMETHEUS / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 DOCKERFILE = ROOT / "Dockerfile"
+# The scaled form: N instances, a Redis Cluster, PgBouncer (compose and a kustomize overlay).
+COMPOSE_SCALE = DEPLOY / "compose.scale.yaml"
+KUBERNETES_SCALE = DEPLOY / "kubernetes-scale"
 
 # Labels Prometheus adds to every series of a target (compose and Kubernetes scrapes).
 TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 SEVERITIES = {"critical", "warning"}
 REQUIRED_ALERTS = {
     "TrackerRedisDown", "TrackerPostgresDown", "TrackerWriteBacklogGrowing",
-    "TrackerWriteBacklogStale", "TrackerWriteLagHigh", "TrackerDeadLetters",
+    "TrackerWriteBacklogStale", "TrackerWriteBacklogOverLimit", "TrackerWriteLagHigh",
+    "TrackerDeadLetters",
     "TrackerEventsLostBufferUnavailable", "TrackerSpoolNotReplayed", "TrackerMetricsAbsent",
 }
 
@@ -130,12 +140,13 @@ def settings_variables() -> set[str]:
 
 def declared_metrics() -> dict[str, set[str]]:
     """Series name → label names, from tracker/metrics.py's Counter/Gauge/Histogram calls:
-    a counter exposes `<name>_total`, a histogram `_bucket` (with `le`), `_sum` and `_count`."""
+    a counter exposes `<name>_total`, a histogram `_bucket` (with `le`), `_sum` and `_count`;
+    a GlobalGauge (exported by one instance at a time) is a gauge without labels."""
     tree = ast.parse((ROOT / "tracker" / "metrics.py").read_text())
     series: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in ("Counter", "Gauge", "Histogram")):
+                and node.func.id in ("Counter", "Gauge", "GlobalGauge", "Histogram")):
             continue
         name = ast.literal_eval(node.args[0])
         labels: list[str] = []
@@ -146,7 +157,7 @@ def declared_metrics() -> dict[str, set[str]]:
                 labels = ast.literal_eval(keyword.value)
         if node.func.id == "Counter":
             series[name.removesuffix("_total") + "_total"] = set(labels)
-        elif node.func.id == "Gauge":
+        elif node.func.id in ("Gauge", "GlobalGauge"):
             series[name] = set(labels)
         else:
             series[name + "_bucket"] = set(labels) | {"le"}
@@ -353,13 +364,19 @@ def test_hpa_and_pdb_follow_the_statefulset() -> None:
                    workload["spec"]["template"]["metadata"]["labels"])
 
 
-@pytest.mark.parametrize("folder", [KUBERNETES, KUBERNETES / "monitoring"],
-                         ids=["kubernetes", "monitoring"])
+@pytest.mark.parametrize("folder", [KUBERNETES, KUBERNETES / "monitoring", KUBERNETES_SCALE],
+                         ids=["kubernetes", "monitoring", "kubernetes-scale"])
 def test_kustomization_lists_every_manifest(folder: Path) -> None:
-    listed = documents(folder / "kustomization.yaml")[0]["resources"]
+    kustomization = documents(folder / "kustomization.yaml")[0]
+    # Its own files (a base elsewhere is named by its folder), resources and patches.
+    listed = [r for r in kustomization["resources"] if not r.startswith("../")]
+    listed += [patch["path"] for patch in kustomization.get("patches", [])]
     present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml",
                                                           "secret.example.yaml"}
     assert sorted(listed) == sorted(present)
+    for generator in kustomization.get("configMapGenerator", []):
+        for name in generator["files"]:
+            assert (folder / name.rpartition("=")[2]).is_file(), name
 
 
 def test_the_data_dir_is_on_a_claim_per_pod_writable_by_the_image_user() -> None:
@@ -494,6 +511,254 @@ def test_the_image_healthcheck_asks_the_admin_port_when_there_is_one(health_serv
     assert healthy({"TRACKER_ADMIN_LISTEN": "", "TRACKER_LISTEN": f"127.0.0.1:{health_server}"})
 
 
+# -- the scaled form: compose.scale.yaml -----------------------------------------------------------
+
+
+def compose_scale() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_SCALE.read_text())
+    return loaded
+
+
+def scaled_instances() -> dict[str, dict[str, Any]]:
+    """The `tracker serve` services: the image's own command, none given."""
+    services = compose_scale()["services"]
+    return {name: service for name, service in services.items()
+            if service.get("image") == "tracker:latest" and "command" not in service}
+
+
+def redis_nodes() -> dict[str, dict[str, Any]]:
+    services = compose_scale()["services"]
+    return {name: service for name, service in services.items()
+            if "--cluster-announce-hostname" in service.get("command", [])}
+
+
+def mounted(service: dict[str, Any], target: str) -> str:
+    """What a service mounts at `target` (a named volume, or a path relative to deploy/)."""
+    found = [v.split(":")[0] for v in service.get("volumes", []) if v.split(":")[1] == target]
+    assert len(found) == 1, f"nothing (or several) mounted at {target}"
+    return found[0]
+
+
+def ini(path: Path) -> dict[str, dict[str, str]]:
+    """A PgBouncer configuration: section → key → value (';' starts a comment line)."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith((";", "#")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, _, value = line.partition("=")
+            current[key.strip()] = value.strip()
+    return sections
+
+
+def url_parts(url: str) -> tuple[str, list[str], str]:
+    """(scheme, [host:port, ...], path) of a URL that may name several hosts."""
+    scheme, _, rest = url.partition("://")
+    hosts, _, path = rest.rpartition("@")[2].partition("/")
+    return scheme, hosts.split(","), path
+
+
+def test_the_scaled_compose_runs_instances_each_with_its_own_name_and_data() -> None:
+    stack = compose_scale()
+    instances = scaled_instances()
+    assert len(instances) >= 2
+    known = settings_variables()
+    admin = port_of(dockerfile_env()["TRACKER_ADMIN_LISTEN"])
+    data_dir = dockerfile_env()["TRACKER_DATA_DIR"]
+    names, volumes = set(), set()
+    for name, service in instances.items():
+        env = service["environment"]
+        assert set(env) <= known, sorted(set(env) - known)
+        assert env["TRACKER_MIGRATE"] == "false"
+        # A stable host name: the instance's writers keep their names in the consumer groups.
+        names.add(service["hostname"])
+        volume = mounted(service, env.get("TRACKER_DATA_DIR", data_dir))
+        assert volume in stack["volumes"], "TRACKER_DATA_DIR must be a named volume"
+        volumes.add(volume)
+        assert f":{admin}/healthz" in " ".join(service["healthcheck"]["test"])
+        assert int(service["stop_grace_period"].removesuffix("s")) >= STOP_GRACE_SECONDS + 2
+        assert not service.get("ports"), f"{name}: reached through the load balancer only"
+    assert len(names) == len(volumes) == len(instances), "each instance its own name and spool"
+
+
+def test_the_scaled_compose_puts_every_instance_on_the_redis_cluster() -> None:
+    stack = compose_scale()
+    nodes = redis_nodes()
+    assert len(nodes) >= 3, "a Redis Cluster needs three masters"
+    conf = DEPLOY / "redis" / "cluster.conf"
+    settings = dict(line.split(None, 1) for line in conf.read_text().splitlines()
+                    if line.strip() and not line.startswith("#"))
+    assert settings["cluster-enabled"] == "yes"
+    for setting in ("appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction"):
+        key, value = setting.split()
+        assert settings[key] == value, setting
+    addresses = set()
+    for name, node in nodes.items():
+        command = node["command"]
+        announced = command[command.index("--cluster-announce-hostname") + 1]
+        assert announced == node["hostname"] == name
+        assert (DEPLOY / mounted(node, command[1])).resolve() == conf.resolve()
+        assert mounted(node, "/data") in stack["volumes"], "each node keeps its data (AOF)"
+        addresses.add(f"{name}:6379")
+    creator = stack["services"]["redis-cluster"]
+    assert set(creator["command"][2:]) == addresses
+    assert (DEPLOY / mounted(creator, creator["command"][1])).resolve() == (
+        DEPLOY / "redis" / "create-cluster.sh").resolve()
+    assert set(creator["depends_on"]) == set(nodes)
+    for name, service in scaled_instances().items():
+        scheme, hosts, _ = url_parts(service["environment"]["REDIS_URL"])
+        assert scheme == "redis+cluster" and set(hosts) == addresses, name
+        assert service["depends_on"]["redis-cluster"]["condition"] == "service_completed_successfully"
+
+
+def test_the_scaled_compose_reaches_postgres_through_pgbouncer_in_transaction_mode() -> None:
+    services = compose_scale()["services"]
+    pgbouncer = services["pgbouncer"]
+    config_path = pgbouncer["entrypoint"][-1].split()[-1]
+    config = ini((DEPLOY / mounted(pgbouncer, config_path)).resolve())
+    assert config["pgbouncer"]["pool_mode"] == "transaction"
+    # The user list is written at start where the configuration looks for it.
+    assert config["pgbouncer"]["auth_file"] in " ".join(pgbouncer["entrypoint"])
+    database = dict(part.split("=") for part in config["databases"]["tracker"].split())
+    assert database["host"] in services and database["host"] != "pgbouncer"
+    for name, service in scaled_instances().items():
+        scheme, [host], path = url_parts(service["environment"]["DATABASE_URL"])
+        assert scheme == "postgresql" and path == "tracker", name
+        assert host == f"pgbouncer:{config['pgbouncer']['listen_port']}", name
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # Migrations hold a session advisory lock: they run against PostgreSQL itself.
+    migrate = services["migrate"]
+    assert migrate["command"] == ["tracker", "migrate"]
+    _, [host], _ = url_parts(migrate["environment"]["DATABASE_URL"])
+    assert host == f"{database['host']}:{database['port']}"
+
+
+def test_the_scaled_compose_balances_every_instance_behind_nginx() -> None:
+    stack = compose_scale()
+    nginx = stack["services"]["nginx"]
+    conf = (DEPLOY / mounted(nginx, "/etc/nginx/conf.d/default.conf")).resolve()
+    text = conf.read_text()
+    public = port_of(dockerfile_env()["TRACKER_LISTEN"])
+    upstream = set(re.findall(r"^\s*server\s+(\S+?);", text, re.M))
+    assert upstream == {f"{name}:{public}" for name in scaled_instances()}
+    assert "$proxy_add_x_forwarded_for" in text
+    for service in scaled_instances().values():
+        assert service["environment"]["TRACKER_PROXY_HOPS"] == "1"
+    assert set(nginx["depends_on"]) == set(scaled_instances())
+    assert nginx["ports"]
+
+
+def test_the_scaled_compose_prometheus_scrapes_every_instance() -> None:
+    stack = compose_scale()
+    prometheus = stack["services"]["prometheus"]
+    flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = Path(flag.split("=", 1)[1])
+    folder = (DEPLOY / mounted(prometheus, str(config_path.parent))).resolve()
+    config = yaml.safe_load((folder / config_path.name).read_text())
+    admin = port_of(dockerfile_env()["TRACKER_ADMIN_LISTEN"])
+    targets = {t for job in config["scrape_configs"] if job["job_name"] == "tracker"
+               for s in job["static_configs"] for t in s["targets"]}
+    assert targets == {f"{name}:{admin}" for name in scaled_instances()}
+    assert [(folder / name).resolve() for name in config["rule_files"]] == [RULES.resolve()]
+
+
+def test_promtool_checks_the_scaled_prometheus_config() -> None:
+    run_promtool("check", "config", str(PROMETHEUS / "prometheus.scale.yml"))
+
+
+def test_nginx_checks_the_load_balancer_config(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        if os.environ.get("TRACKER_REQUIRE_TOOLS") == "1":
+            pytest.fail("nginx is missing and TRACKER_REQUIRE_TOOLS=1: apt-get install nginx-light")
+        pytest.skip("nginx is missing: apt-get install nginx-light")
+    # The instances' names resolve on the compose network only: here, to this host.
+    conf = (DEPLOY / "nginx" / "tracker.conf").read_text()
+    (tmp_path / "tracker.conf").write_text(re.sub(r"(server\s+)[\w-]+:", r"\g<1>127.0.0.1:", conf))
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+        f"http {{ include {tmp_path}/tracker.conf; }}\n")
+    result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# -- the scaled form: kubernetes-scale/ ------------------------------------------------------------
+
+
+def scale_object(kind: str, name: str, file: str) -> dict[str, Any]:
+    """An object of the overlay by kind, name and file (a patch shares its target's name)."""
+    found: dict[str, Any] = next(doc for doc in documents(KUBERNETES_SCALE / file)
+                                 if (doc["kind"], doc["metadata"]["name"]) == (kind, name))
+    return found
+
+
+def test_the_scaled_kustomization_migrates_directly_and_serves_through_pgbouncer() -> None:
+    kustomization = documents(KUBERNETES_SCALE / "kustomization.yaml")[0]
+    assert (KUBERNETES_SCALE / kustomization["resources"][0]).resolve() == KUBERNETES.resolve()
+    base = statefulset()
+    patch = scale_object("StatefulSet", base["metadata"]["name"], "statefulset-scale.yaml")
+    pod = patch["spec"]["template"]["spec"]
+    assert env_values(container(patch))["TRACKER_MIGRATE"] == "false"
+    [migrate] = pod["initContainers"]
+    assert migrate["command"] == ["tracker", "migrate"]
+    assert migrate["image"] == container(base)["image"]
+    secret = scale_object("Secret", "tracker", "secret.example.yaml")["stringData"]
+    [url] = migrate["env"]
+    assert url["name"] == "DATABASE_URL"
+    direct = secret[url["valueFrom"]["secretKeyRef"]["key"]]
+    # The pods' own DATABASE_URL (from the base's Secret reference) is PgBouncer's Service.
+    service = scale_object("Service", "tracker-pgbouncer", "pgbouncer.yaml")
+    _, [pooled], _ = url_parts(secret["DATABASE_URL"])
+    [port] = service["spec"]["ports"]
+    assert pooled == f"{service['metadata']['name']}:{port['port']}"
+    assert url_parts(direct)[1] != [pooled]
+    config = ini(KUBERNETES_SCALE / "pgbouncer.ini")
+    assert config["pgbouncer"]["pool_mode"] == "transaction"
+    deployment = scale_object("Deployment", "tracker-pgbouncer", "pgbouncer.yaml")
+    [box] = deployment["spec"]["template"]["spec"]["containers"]
+    assert [p["containerPort"] for p in box["ports"] if p["name"] == port["targetPort"]] == [
+        int(config["pgbouncer"]["listen_port"])]
+    assert selects(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    # The user list the configuration names is the Secret's key, mounted.
+    auth_file = Path(config["pgbouncer"]["auth_file"])
+    mounts = {m["mountPath"]: m["name"] for m in box["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    userlist = volumes[mounts[str(auth_file.parent)]]["secret"]["secretName"]
+    assert auth_file.name in scale_object("Secret", userlist, "secret.example.yaml")["stringData"]
+    # And the settings for the Redis Cluster.
+    assert url_parts(secret["REDIS_URL"])[0] in ("redis+cluster", "rediss+cluster")
+
+
+def test_the_scaled_pgbouncer_settings_are_the_same_in_compose_and_kubernetes() -> None:
+    compose_ini = ini(DEPLOY / "pgbouncer" / "pgbouncer.ini")["pgbouncer"]
+    kubernetes_ini = ini(KUBERNETES_SCALE / "pgbouncer.ini")["pgbouncer"]
+    del compose_ini["auth_file"], kubernetes_ini["auth_file"]
+    assert compose_ini == kubernetes_ini
+
+
+def test_kubectl_renders_both_kustomizations() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is missing")
+    for folder in (KUBERNETES, KUBERNETES / "monitoring", KUBERNETES_SCALE):
+        result = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+        assert kinds, folder
+    rendered = list(yaml.safe_load_all(result.stdout))
+    [workload] = [d for d in rendered if d["kind"] == "StatefulSet"]
+    assert [c["name"] for c in workload["spec"]["template"]["spec"]["initContainers"]] == ["migrate"]
+    assert env_values(container(workload))["TRACKER_MIGRATE"] == "false"
+    assert {("HorizontalPodAutoscaler", "tracker"), ("PodDisruptionBudget", "tracker")} <= {
+        (d["kind"], d["metadata"]["name"]) for d in rendered}
+
+
 # -- alert rules ---------------------------------------------------------------------------------
 
 
@@ -556,6 +821,7 @@ def test_promtool_checks_the_compose_prometheus_config() -> None:
 # times, the alerts expected (their labels besides alertname; [] = none). Per-pod alerts keep
 # the target's labels (I), aggregated ones only the job (J).
 T0 = 'instance="t0:9100", job="tracker"'
+T1 = 'instance="t1:9100", job="tracker"'
 I = {"instance": "t0:9100", "job": "tracker"}
 J = {"job": "tracker"}
 CASES: list[dict[str, Any]] = [
@@ -608,6 +874,23 @@ CASES: list[dict[str, Any]] = [
     {"alert": "TrackerWriteBacklogGrowing",
      "series": {f"tracker_write_backlog_events{{{T0}}}": "0 500 0 800 " * 10,
                 f"tracker_write_backlog_oldest_age_seconds{{{T0}}}": "0.05x40"},
+     "expect": {"30m": []}},
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "0+100x40",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x40"},
+     "expect": {"9m": [], "12m": [J | {"severity": "critical"}]}},
+    # The lease moves from t0 to t1 (t0 stops exporting) while the backlog stays over its
+    # limit: one alert for the deployment, never one per pod.
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "2000x10",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x10",
+                f"tracker_write_backlog_events{{{T1}}}": "_x10 2000x20",
+                f"tracker_write_backlog_limit_events{{{T1}}}": "_x10 1000x20"},
+     "expect": {"5m": [J | {"severity": "critical"}], "10m": [J | {"severity": "critical"}],
+                "25m": [J | {"severity": "critical"}]}},
+    {"alert": "TrackerWriteBacklogOverLimit",
+     "series": {f"tracker_write_backlog_events{{{T0}}}": "999x40",
+                f"tracker_write_backlog_limit_events{{{T0}}}": "1000x40"},
      "expect": {"30m": []}},
     {"alert": "TrackerWriteLagHigh",
      "series": {f'tracker_write_lag_seconds_bucket{{le="{le}", {T0}}}': values

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import metrics
-from ..keys import CAMPAIGNS, PG, REDIS, SETTINGS, WRITER
+from ..keys import CAMPAIGNS, GAUGES_LEASE, PG, REDIS, SETTINGS, WRITER
 from ..storage import db
 from .common import json_response
 
@@ -69,9 +69,19 @@ async def tracking_ready(request: web.Request) -> web.Response:
 
 
 async def metrics_(request: web.Request) -> web.Response:
+    body, content_type = metrics.render(await global_figures(request.app))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def global_figures(app: web.Application) -> dict[metrics.GlobalGauge, float]:
+    """The deployment's figures if this instance holds the gauges lease, else none: the
+    samples are left out, not 0, so that a sum across instances counts them once."""
+    if not app[GAUGES_LEASE].held:
+        return {}
     try:
-        await request.app[WRITER].update_backlog_gauge()
+        events, age = await asyncio.wait_for(app[WRITER].backlog(), CHECK_TIMEOUT)
     except Exception:  # noqa: BLE001 - a scrape still answers with what it has
         metrics.BACKEND_ERRORS.labels("redis").inc()
-    body, content_type = metrics.render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+        return {}
+    return {metrics.BACKLOG: events, metrics.BACKLOG_AGE: age,
+            metrics.BACKLOG_LIMIT: app[SETTINGS].backlog_limit}

@@ -453,9 +453,8 @@ class BatchWriter:
         return length, age
 
     async def update_backlog_gauge(self) -> None:
-        length, age = await self.backlog()
-        metrics.BACKLOG.set(length)
-        metrics.BACKLOG_AGE.set(age)
+        """Nothing to keep up any more: the backlog gauges are read at scrape time, by the one
+        instance that holds the gauges lease (handlers/ops.py, metrics.GlobalGauge)."""
 
     def _note_failure(self, exc: BaseException, count: bool = True) -> None:
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
