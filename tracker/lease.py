@@ -27,8 +27,9 @@ import socket
 import time
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from .redis_client import Client
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def gauges_key(prefix: str) -> str:
 
 
 class Lease:
-    def __init__(self, redis: aioredis.Redis, key: str, holder: str, *,
+    def __init__(self, redis: Client, key: str, holder: str, *,
                  ttl: float = TTL_SECONDS, renew_every: float = RENEW_SECONDS) -> None:
         self.key = key
         self.holder = holder

@@ -114,7 +114,6 @@ class BatchWriter:
         self._conn: asyncpg.Connection | None = None
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
-        self._next_gauge = 0.0
         self._shards = range(keys.shards)
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Taken] = []
@@ -199,9 +198,6 @@ class BatchWriter:
     async def step(self, block: bool = True) -> int:
         """Read one batch (held, claimed or new), write it, ack it; return its size."""
         now = time.monotonic()
-        if now >= self._next_gauge:
-            self._next_gauge = now + 1.0
-            await self.update_backlog_gauge()
         if not self._held:
             self._held = await self._take(now, block)
         batch = [entry for _, entries in self._held for entry in entries]
@@ -451,10 +447,6 @@ class BatchWriter:
         firsts = [int(_s(first[0][0]).split("-")[0]) for first in replies[1::2] if first]
         age = max(0.0, time.time() - min(firsts) / 1000) if firsts else 0.0
         return length, age
-
-    async def update_backlog_gauge(self) -> None:
-        """Nothing to keep up any more: the backlog gauges are read at scrape time, by the one
-        instance that holds the gauges lease (handlers/ops.py, metrics.GlobalGauge)."""
 
     def _note_failure(self, exc: BaseException, count: bool = True) -> None:
         backend = "redis" if isinstance(exc, RedisError) else "postgres"
