@@ -9,7 +9,10 @@ embedded servers. Prints:
   bare aiohttp `302` (2 processes, uvloop: the framework's ceiling) and `tracker serve` on
   /c/{slug}, medians of --runs interleaved runs with their spread, and the ratios;
 - whether every answered click reached PostgreSQL, and how long the backlog took to drain;
-- at a nominal rate (a Python client, --rate clicks/s), the delay from each 302 to its row.
+- at a nominal rate (a Python client, --rate clicks/s), the delay from each 302 to its row;
+- wrk held at half of tracker's peak (each connection pausing between requests): latency p99;
+- sustained: wrk at the peak for --sustain seconds, then every answered click in PostgreSQL,
+  answer → row p99, and what Redis still holds per click once the backlog drained.
 Numbers vary with the machine; only the ratios taken side by side mean anything.
 """
 
@@ -68,17 +71,31 @@ def _bare_worker(port: int) -> None:
     uvloop.run(main())
 
 
-def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+def wrk(url: str, seconds: int, connections: int, pause_ms: float = 0.0) -> dict[str, float]:
+    """wrk's figures; with pause_ms, each connection waits that long between requests (a
+    rate of about connections × 1000 / (pause_ms + latency) per second)."""
+    script: list[str] = []
+    if pause_ms:
+        lua = Path(tempfile.mkstemp(suffix=".lua")[1])
+        lua.write_text(f"function delay()\n  return {pause_ms:.3f}\nend\n")
+        script = ["-s", str(lua)]
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", f"User-Agent: {UA}", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *script,
+         "-H", f"User-Agent: {UA}", url],
         capture_output=True, text=True, check=True).stdout
+    if script:
+        Path(script[1]).unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def percentile(name: str) -> float:
+        found = re.search(name + r"%\s+([\d.]+)(us|ms|s)", out)
+        return float(found.group(1)) * scale[found.group(2)] if found else float("nan")
+
     return {"rps": rps, "total": total, "errors": int(errors.group(1)) if errors else 0,
-            "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")}
+            "p50_ms": percentile("50"), "p99_ms": percentile("99")}
 
 
 async def wait_http(url: str) -> None:
@@ -155,6 +172,43 @@ http {{
 """
 
 
+async def make_campaign(base: str) -> tuple[str, int]:
+    slug = f"bench{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer b"},
+                             json={"slug": slug, "cost_model": "cpc", "cost_value": "0.10",
+                                   "destination_url": "https://shop.example/lp?cid={click_id}&s={sub1}"}) as r:
+            assert r.status == 201, await r.text()
+            return slug, int((await r.json())["id"])
+
+
+async def drain(redis: aioredis.Redis, prefix: str, since: float) -> float:
+    """Seconds from `since` until the stream is empty (at most 120)."""
+    while await redis.xlen(f"{prefix}events") > 0 and time.monotonic() - since < 120:
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since
+
+
+async def sustain(base: str, pg: asyncpg.Connection, redis: aioredis.Redis, prefix: str,
+                  args: argparse.Namespace) -> dict[str, float]:
+    """wrk at the peak for args.sustain seconds on a campaign of its own; then what reached
+    PostgreSQL, how late, and Redis's growth per answered click once the backlog drained."""
+    slug, campaign_id = await make_campaign(base)
+    memory_before = int((await redis.info("memory"))["used_memory"])
+    run = wrk(f"{base}/c/{slug}?sub1=bench", args.sustain, args.connections)
+    drained = await drain(redis, prefix, time.monotonic())
+    memory_after = int((await redis.info("memory"))["used_memory"])
+    answered = run["total"] - run["errors"]
+    lag = await pg.fetchrow(
+        "SELECT count(*) AS n, percentile_cont(0.99) WITHIN GROUP (ORDER BY written_at - ts) AS p99,"
+        " max(written_at - ts) AS max FROM clicks WHERE campaign_id = $1", campaign_id)
+    rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
+    return {"rps": run["rps"], "answered": answered, "stored": lag["n"], "rolled": rolled or 0,
+            "drained": drained, "p99_ms": lag["p99"].total_seconds() * 1000,
+            "max_ms": lag["max"].total_seconds() * 1000,
+            "bytes": (memory_after - memory_before) / max(answered, 1)}
+
+
 def start_nginx(port: int) -> subprocess.Popen[bytes] | None:
     """nginx `return 302`, 2 workers, no access log: the limit on this box. None (with a
     message) when Debian's nginx-light is not installed."""
@@ -194,25 +248,22 @@ async def run(args: argparse.Namespace) -> int:
                             "TRACKER_LISTEN": f"127.0.0.1:{port}", "TRACKER_WORKERS": str(args.workers),
                             "TRACKER_DATA_DIR": str(data), "TRACKER_REDIS_PREFIX": prefix,
                             "TRACKER_LOG_LEVEL": "WARNING",
-                            # Keys that leave a shared Redis within minutes, not a day.
-                            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "60"}
+                            # Keys that leave a shared Redis within minutes, not a day (yet
+                            # outlive the sustained run, whose Redis bytes are measured).
+                            "TRACKER_CLICK_CACHE_TTL": "60", "TRACKER_UNIQUE_WINDOW": "900"}
         proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env)
         base = f"http://127.0.0.1:{port}"
         pg = None
         delays: list[float] = []
         latencies: list[float] = []
+        half: dict[str, float] = {}
+        sustained: dict[str, float] = {}
         try:
             if nginx is not None:
                 await wait_http(f"http://127.0.0.1:{nginx_port}/c/x")
             await wait_http(f"http://127.0.0.1:{bare_port}/c/x")
             await wait_http(f"{base}/healthz")
-            slug = f"bench{uuid.uuid4().hex[:6]}"
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer b"},
-                                     json={"slug": slug, "cost_model": "cpc", "cost_value": "0.10",
-                                           "destination_url": "https://shop.example/lp?cid={click_id}&s={sub1}"}) as r:
-                    assert r.status == 201, await r.text()
-                    campaign_id = (await r.json())["id"]
+            slug, campaign_id = await make_campaign(base)
             pg = await asyncpg.connect(db_url)
             redis = aioredis.Redis.from_url(redis_url)
             memory_before = int((await redis.info("memory"))["used_memory"])
@@ -223,9 +274,7 @@ async def run(args: argparse.Namespace) -> int:
                 rows["bare"].append(wrk(f"http://127.0.0.1:{bare_port}/c/x", args.seconds, args.connections))
                 rows["tracker"].append(wrk(f"{base}/c/{slug}?sub1=bench", args.seconds, args.connections))
             load_end = time.monotonic()
-            while await redis.xlen(f"{prefix}events") > 0 and time.monotonic() - load_end < 120:
-                await asyncio.sleep(0.05)
-            drained = time.monotonic() - load_end
+            drained = await drain(redis, prefix, load_end)
             # What Redis still holds for the clicks once their rows are committed (the
             # read-your-writes copy, the uniqueness key: DESIGN.md's figure is ≤ 150 bytes).
             memory_after = int((await redis.info("memory"))["used_memory"])
@@ -237,6 +286,14 @@ async def run(args: argparse.Namespace) -> int:
             rolled = await pg.fetchval("SELECT sum(clicks) FROM rollup_15m WHERE campaign_id = $1", campaign_id)
             if not args.quick:
                 delays = await nominal_delay(base, slug, pg, args.rate, args.nominal_seconds, latencies)
+                # Half the peak: each connection pauses so that together they ask about half
+                # of tracker's median rate.
+                peak = statistics.median(r["rps"] for r in rows["tracker"])
+                half = wrk(f"{base}/c/{slug}?sub1=bench", args.seconds, args.connections,
+                           pause_ms=args.connections * 1000 / (peak / 2))
+                half["peak"] = peak
+            if args.sustain:
+                sustained = await sustain(base, pg, redis, prefix, args)
             await redis.delete(f"{prefix}events")
             await redis.aclose()
         finally:
@@ -272,6 +329,18 @@ async def run(args: argparse.Namespace) -> int:
     ms = lambda d: d.total_seconds() * 1000  # noqa: E731
     print(f"burst: answer → row (written_at - ts) p50 {ms(lag['p50']):.0f} ms, "
           f"p99 {ms(lag['p99']):.0f} ms, max {ms(lag['max']):.0f} ms")
+    if half:
+        print(f"at half the peak ({half['peak'] / 2:.0f}/s asked, {half['rps']:.0f}/s answered, "
+              f"wrk -c{args.connections} pausing between requests): "
+              f"latency p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms (the goal is ≤ 5)")
+    if sustained:
+        print(f"sustained {args.sustain} s at the peak: {sustained['rps']:.0f}/s, "
+              f"{sustained['answered']:.0f} answered, {sustained['stored']:.0f} rows, rollups "
+              f"{sustained['rolled']:.0f}; backlog drained {sustained['drained']:.2f} s after; "
+              f"answer → row p99 {sustained['p99_ms']:.0f} ms, max {sustained['max_ms']:.0f} ms "
+              f"(the goal is ≤ 2000)")
+        print(f"Redis after the sustained run drained: {sustained['bytes']:.0f} bytes per answered "
+              f"click (used_memory growth; the goal is ≤ 150)")
     if delays:
         delays.sort()
         q = lambda p: delays[min(len(delays) - 1, int(p * len(delays)))]  # noqa: E731
@@ -286,6 +355,10 @@ async def run(args: argparse.Namespace) -> int:
             print("WARNING: some clicks never reached PostgreSQL within 30 s")
     # wrk counts answers it read; a click answered as wrk stopped may be stored uncounted,
     # so more rows than answers is fine, fewer is a lost click.
+    if sustained and (sustained["stored"] < sustained["answered"]
+                      or sustained["rolled"] != sustained["stored"]):
+        print("LOST in the sustained run: answered clicks missing from PostgreSQL")
+        return 1
     if stored < answered or rolled != stored:
         print(f"LOST: {answered - stored} answered clicks are not in PostgreSQL "
               f"(rollups {rolled}, rows {stored})")
@@ -302,12 +375,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--nominal-seconds", type=int, default=10)
+    parser.add_argument("--sustain", type=int, default=60,
+                        help="seconds of wrk at the peak after the runs (0: none)")
     parser.add_argument("--quick", action="store_true",
                         help="one 2-second run, no nominal-rate part: checks nothing was lost "
                              "and prints the ratios (CI runs this; it asserts no timing)")
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.runs = 2, 1
+        args.seconds, args.runs, args.sustain = 2, 1, 0
     sys.exit(asyncio.run(run(args)))
 
 
