@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,10 +168,11 @@ def pgbouncer(direct_backing: tuple[str, str]) -> Iterator[PgBouncer]:
     """A throwaway PgBouncer in transaction mode in front of the session's database (the
     tests that need one skip, saying how to install it, when it is absent)."""
     executable = pgbouncer_tool.require()
-    bouncer = PgBouncer(direct_backing[0], Path(tempfile.mkdtemp(prefix="trkb")))
+    bouncer = PgBouncer(direct_backing[0], Path(tempfile.mkdtemp(prefix="trkpgb")))
     bouncer.start(executable)
     yield bouncer
     bouncer.stop()
+    shutil.rmtree(bouncer.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

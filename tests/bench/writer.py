@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import io
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -78,6 +79,13 @@ async def timed_copy(conn: Any, table: str, records: list[Any]) -> float:
 
 async def run(args: argparse.Namespace) -> None:
     data = Path(tempfile.mkdtemp(prefix="trkw"))
+    try:
+        await measure(args, data)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)  # the embedded servers' data, tens of MB
+
+
+async def measure(args: argparse.Namespace, data: Path) -> None:
     with servers(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""), data) as found:
         db_url, redis_url = found.database_url, found.redis_url
         await migrate(db_url)
