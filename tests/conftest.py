@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,9 +37,13 @@ from tracker.embedded import embedded_postgres, embedded_redis
 from tracker.redis_keys import Keys
 from tracker.keys import WRITER
 from tracker.settings import Settings
+from tracker.storage import db
 from tracker.storage.migrations import migrate
 from tracker.fastpath import FastServer
 from tracker.worker import listening, runner_for
+
+from . import pgbouncer as pgbouncer_tool
+from .pgbouncer import PgBouncer
 
 # Every process this session starts inherits the mark, even one that daemonizes or runs as
 # another user (pgserver's PostgreSQL): that is how a server a test left running is found.
@@ -123,8 +128,8 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def backing() -> Iterator[tuple[str, str]]:
-    """(database URL of a fresh database, Redis URL) for this test session."""
+def direct_backing() -> Iterator[tuple[str, str]]:
+    """(database URL of a fresh database, Redis URL) for this test session, migrated."""
     with ExitStack() as stack:
         db_url = os.environ.get("DATABASE_URL", "")
         redis_url = os.environ.get("REDIS_URL", "")
@@ -133,12 +138,12 @@ def backing() -> Iterator[tuple[str, str]]:
             admin_url = db_url
 
             async def create() -> None:
-                conn = await asyncpg.connect(admin_url)
+                conn = await db.connect(admin_url)
                 await conn.execute(f'CREATE DATABASE "{name}"')
                 await conn.close()
 
             async def drop() -> None:
-                conn = await asyncpg.connect(admin_url)
+                conn = await db.connect(admin_url)
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 await conn.close()
 
@@ -156,9 +161,37 @@ def backing() -> Iterator[tuple[str, str]]:
         yield db_url, redis_url
 
 
+def _database_of(url: str) -> str:
+    return urlsplit(url).path.lstrip("/") or "postgres"
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(direct_backing: tuple[str, str]) -> Iterator[PgBouncer]:
+    """A throwaway PgBouncer in transaction mode in front of the session's database (the
+    tests that need one skip, saying how to install it, when it is absent)."""
+    executable = pgbouncer_tool.require()
+    bouncer = PgBouncer(direct_backing[0], Path(tempfile.mkdtemp(prefix="trkpgb")))
+    bouncer.start(executable)
+    yield bouncer
+    bouncer.stop()
+    shutil.rmtree(bouncer.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def backing(request: pytest.FixtureRequest,
+            direct_backing: tuple[str, str]) -> tuple[str, str]:
+    """(DATABASE_URL, REDIS_URL) the tests hand the service. With TRACKER_TEST_PGBOUNCER=1,
+    the database is reached through a PgBouncer in transaction mode (migrations went direct),
+    so that every test that runs the service runs it as it runs behind one."""
+    if os.environ.get("TRACKER_TEST_PGBOUNCER") != "1":
+        return direct_backing
+    bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+    return bouncer.url(_database_of(direct_backing[0])), direct_backing[1]
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def pg(backing: tuple[str, str]) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(backing[0])
+    conn = await db.connect(backing[0])
     await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
     yield conn
     await conn.close()
@@ -423,6 +456,8 @@ class PgProxy:
         self._port = parts.port or 5432
         self._user = parts.username or "postgres"
         self._database = parts.path.lstrip("/") or self._user
+        # In front of a PgBouncer the proxy's clients must know they are behind one.
+        self._pooled = "&pgbouncer=true" if query.get("pgbouncer") == "true" else ""
         self.statements = 0
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -431,7 +466,8 @@ class PgProxy:
     def url(self) -> str:
         assert self._server is not None
         port = self._server.sockets[0].getsockname()[1]
-        return f"postgresql://{self._user}@127.0.0.1:{port}/{self._database}?sslmode=disable"
+        return (f"postgresql://{self._user}@127.0.0.1:{port}/{self._database}?sslmode=disable"
+                f"{self._pooled}")
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

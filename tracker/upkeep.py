@@ -6,6 +6,12 @@ PostgreSQL is there, and the days ahead exist long before they are needed. While
 does not answer, a pass is retried with capped backoff. A table and day that PostgreSQL
 refuses is logged once, counted in tracker_backend_errors_total{backend="postgres"} each
 time, and tried again at the next pass; the other days are made all the same.
+
+Every instance runs upkeep, possibly at the same moment: each step takes the one partitions
+lock, and a step whose lock another instance holds waits for it without holding anything
+(storage/partitions.py). A partition is made once, a day's DEFAULT rows are moved once, an
+old partition is dropped once, whoever gets there first; the others find it done. A step
+still busy after partitions.WAIT is left for the next pass: another instance is at it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -36,6 +43,16 @@ RETRY_MAX = 60.0
 # many DEFAULT rows to move), which asyncpg cancels on the server. Retrying that one at once,
 # with backoff, would hold the parent's lock again and again: it waits for the next pass.
 STEP_FAILED = (asyncpg.PostgresError, asyncio.TimeoutError)
+
+
+@dataclass
+class Pass:
+    """What one pass did (what other instances did meanwhile is theirs)."""
+
+    created: int = 0
+    moved: int = 0
+    dropped: int = 0
+    pruned: int = 0
 
 
 class PartitionUpkeep:
@@ -85,24 +102,34 @@ class PartitionUpkeep:
             retry = self._retry_first
             await asyncio.sleep(self._every)
 
-    async def run_once(self, today: date | None = None) -> None:
+    async def run_once(self, today: date | None = None) -> Pass:
         """One pass: every table and day from DAYS_BACK ago to days_ahead ahead, then
         retention. Raises only when PostgreSQL cannot be reached."""
         today = today or datetime.now(UTC).date()
+        done = Pass()
         async with self._pool.acquire() as conn:
             for table in partitions.TABLES:
                 for offset in range(-self._days_back, self._days_ahead + 1):
-                    await self._create(conn, table, today + timedelta(days=offset))
+                    moved = await self._create(conn, table, today + timedelta(days=offset))
+                    if moved is not None:
+                        done.created += 1
+                        done.moved += moved
             if self._retention_days:
-                await self._retention(conn)
+                done.dropped, done.pruned = await self._retention(conn)
         oldest = today - timedelta(days=self._days_back)
         self._failed = {(t, d) for t, d in self._failed if d >= oldest}
         self.last_pass = today
+        return done
 
-    async def _create(self, conn: asyncpg.Connection, table: str, day: date) -> None:
+    async def _create(self, conn: asyncpg.Connection, table: str, day: date) -> int | None:
+        """The rows the new partition took over from DEFAULT; None when it made none."""
         name = partitions.partition_name(table, day)
         try:
             moved = await partitions.create_partition(conn, table, day)
+        except partitions.Busy:
+            log.info("partition %s: another instance held the partitions lock throughout; "
+                     "left for the next pass", name)
+            return None
         except STEP_FAILED as exc:
             if isinstance(exc, GONE):
                 raise
@@ -111,7 +138,7 @@ class PartitionUpkeep:
                 self._failed.add((table, day))
                 log.warning("could not create partition %s (tried again each upkeep, logged "
                             "once): %s: %s", name, type(exc).__name__, exc)
-            return
+            return None
         if (table, day) in self._failed:
             self._failed.discard((table, day))
             log.info("partition %s is there now", name)
@@ -120,20 +147,26 @@ class PartitionUpkeep:
                      name, moved, table)
         elif moved is not None:
             log.debug("created partition %s", name)
+        return moved
 
-    async def _retention(self, conn: asyncpg.Connection) -> None:
+    async def _retention(self, conn: asyncpg.Connection) -> tuple[int, int]:
         # Two steps, two transactions: a drop that fails does not keep DEFAULT from pruning.
         dropped = await self._retention_step(conn, partitions.drop_partitions, "partition drop")
         deleted = await self._retention_step(conn, partitions.prune_default, "DEFAULT pruning")
         if dropped or deleted:
             log.info("retention: dropped %d partitions and %d DEFAULT rows older than %d days",
                      dropped, deleted, self._retention_days)
+        return dropped, deleted
 
     async def _retention_step(self, conn: asyncpg.Connection,
                               step: Callable[[asyncpg.Connection, int], Awaitable[int]],
                               what: str) -> int:
         try:
             return await step(conn, self._retention_days)
+        except partitions.Busy:
+            log.info("%s: another instance held the partitions lock throughout; left for "
+                     "the next pass", what)
+            return 0
         except STEP_FAILED as exc:
             if isinstance(exc, GONE):
                 raise

@@ -16,6 +16,7 @@ import orjson
 
 from tracker.embedded import EmbeddedPostgres
 from tracker.settings import Settings
+from tracker.storage import db
 from tracker.storage.migrations import migrate
 
 from ..conftest import BROWSER, OwnRedis, PgProxy, Served, eventually, start
@@ -27,7 +28,7 @@ def throwaway_postgres() -> EmbeddedPostgres:
 
 
 async def clicks_in(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
+    conn = await db.connect(database_url)
     try:
         count: int = await conn.fetchval("SELECT count(*) FROM clicks")
         return count

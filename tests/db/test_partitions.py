@@ -14,6 +14,7 @@ from tracker.ids import decode_id, new_id
 from tracker.keys import PG
 from tracker.settings import Settings
 from tracker.storage import db
+from tracker.storage import partitions as db_partitions
 from tracker.upkeep import PartitionUpkeep
 
 from ..api.test_reports import buffer_events, click, impression
@@ -144,3 +145,61 @@ async def test_workers_making_the_same_days_at_once_never_collide(settings: Sett
     for day in days:
         assert await pg.fetchval(f"SELECT to_regclass('impressions_{day:%Y%m%d}')")
     assert await where(pg, "clicks", blocked) == [(f"clicks_{days[-1]:%Y%m%d}", 1)]
+
+
+OLD_PARTITIONS = """
+SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+WHERE p.relname IN ('clicks', 'impressions') AND c.relname ~ '_[0-9]{8}$'
+  AND right(c.relname, 8) < to_char($1::date, 'YYYYMMDD')"""
+
+
+async def test_two_instances_running_upkeep_and_retention_at_once_do_each_thing_once(
+        settings: Settings, pg: asyncpg.Connection) -> None:
+    """Every instance runs the same upkeep at the same moment (here while a third holds the
+    lock, so that both find it busy and wait): no errors, and between them each missing
+    partition made once, each DEFAULT row moved once, each old partition dropped once, each
+    old DEFAULT row deleted once."""
+    today = datetime.now(UTC).date()
+    cutoff = date(2020, 6, 1)  # retention keeps what is newer (other tests' old days too)
+    keep = (today - cutoff).days
+    old_days = [date(2020, 1, d) for d in (1, 2, 3)]
+    for day in old_days:
+        for table in ("clicks", "impressions"):
+            await db_partitions.create_partition(pg, table, day)
+    ahead = [today + timedelta(days=n) for n in range(21, 25)]
+    for day in ahead:
+        await pg.execute(f"DROP TABLE IF EXISTS clicks_{day:%Y%m%d}, impressions_{day:%Y%m%d}")
+    insert = ("INSERT INTO clicks (id, ts, campaign_id, visitor_id, is_unique, is_bot, "
+              "destination) VALUES ($1, $2, 1, 'v', true, false, 'https://shop.example/')")
+    waiting, ancient = click(1, noon(ahead[-1])), click(1, noon(date(2019, 5, 1)))
+    for event in (waiting, ancient):
+        await pg.execute(insert, *decode_id(event["id"]))
+    old = await pg.fetchval(OLD_PARTITIONS, cutoff)
+    assert old >= 6
+    missing = await pg.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) AS t (name) WHERE to_regclass(name) IS NULL",
+        [f"{t}_{today + timedelta(days=n):%Y%m%d}" for t in ("clicks", "impressions")
+         for n in range(-2, 25)])
+    pools = [await db.create_pool(settings.database_url, max_size=2) for _ in range(2)]
+    errors = postgres_errors()
+    holder = await db.connect(settings.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(hashtext('tracker_partitions'))")
+            both = asyncio.gather(*(PartitionUpkeep(pool, days_ahead=24, retention_days=keep)
+                                    .run_once() for pool in pools))
+            await asyncio.sleep(0.3)
+        passes = await both
+    finally:
+        await holder.close()
+        for pool in pools:
+            await pool.close()
+    assert postgres_errors() == errors
+    assert sum(p.created for p in passes) == missing > 0
+    assert sum(p.moved for p in passes) == 1
+    assert sum(p.dropped for p in passes) == old
+    assert sum(p.pruned for p in passes) == 1
+    assert await pg.fetchval(OLD_PARTITIONS, cutoff) == 0
+    assert await where(pg, "clicks", waiting) == [(f"clicks_{ahead[-1]:%Y%m%d}", 1)]
+    assert await where(pg, "clicks", ancient) == []

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from tracker.keys import PG
-from tracker.storage import partitions
+from tracker.storage import db, partitions
 from tracker.storage.migrations import migration_files
 from tracker.upkeep import PartitionUpkeep
 
@@ -30,7 +30,7 @@ def _database(url: str, name: str) -> str:
 
 async def test_migrate_applies_once_and_records_versions(backing: tuple[str, str]) -> None:
     name = f"mig_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(backing[0])
+    admin = await db.connect(backing[0])
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _database(backing[0], name)
     try:
@@ -44,10 +44,36 @@ async def test_migrate_applies_once_and_records_versions(backing: tuple[str, str
         again = subprocess.run([sys.executable, "-m", "tracker", "migrate"], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "up to date" in again.stdout
-        conn = await asyncpg.connect(url)
+        conn = await db.connect(url)
         assert [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations "
                                                    "ORDER BY version")] == \
             [path.name for _, path in migration_files()]
+        await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_two_instances_migrating_a_new_database_at_once_apply_each_migration_once(
+        backing: tuple[str, str]) -> None:
+    """Every instance migrates on start: started together, one applies each migration, the
+    other waits for it and finds it done (tests/db/test_pgbouncer.py: the same through
+    PgBouncer)."""
+    import asyncio
+
+    from tracker.storage.migrations import migrate
+
+    name = f"mig_{uuid.uuid4().hex[:8]}"
+    admin = await db.connect(backing[0])
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _database(backing[0], name)
+    try:
+        first, second = await asyncio.gather(migrate(url), migrate(url))
+        names = [path.name for _, path in migration_files()]
+        assert sorted(first + second) == sorted(names)
+        conn = await db.connect(url)
+        assert [r["name"] for r in await conn.fetch(
+            "SELECT name FROM schema_migrations ORDER BY version")] == names
         await conn.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

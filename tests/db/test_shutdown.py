@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tracker.settings import Settings
+from tracker.storage import db
 
 from ..conftest import start
 from .test_writer import writer_for
@@ -25,7 +26,7 @@ async def test_a_writer_stuck_at_shutdown_is_awaited_before_the_drain(
     not be written waits in the stream, where the next writer stores it once."""
     runner, running = await start(settings)
     await running.create_campaign(slug="stuck")
-    blocker = await asyncpg.connect(settings.database_url)
+    blocker = await db.connect(settings.database_url)
     lock = blocker.transaction()
     await lock.start()
     await blocker.execute("LOCK TABLE rollup_15m IN ACCESS EXCLUSIVE MODE")

@@ -316,3 +316,108 @@ async def test_a_batch_read_after_the_last_heartbeat_is_claimed_not_orphaned(
         await asyncio.sleep(0.05)
     assert await counts(pg) == (20, 0, 20, 0)
     await redis.aclose()
+
+
+RECOUNT = """
+SELECT date_bin('15 minutes', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, campaign_id,
+       pub, sub1, sub2, sub3, sub4, sub5, country, device,
+       count(*) FILTER (WHERE NOT is_click AND NOT is_bot) AS impressions,
+       count(*) FILTER (WHERE NOT is_click AND is_bot) AS bot_impressions,
+       count(*) FILTER (WHERE is_click AND NOT is_bot) AS clicks,
+       count(*) FILTER (WHERE is_click AND is_unique AND NOT is_bot) AS unique_clicks,
+       count(*) FILTER (WHERE is_click AND is_bot) AS bot_clicks,
+       coalesce(sum(cost) FILTER (WHERE NOT is_bot), 0) AS cost
+FROM (SELECT ts, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device, true AS is_click,
+             is_unique, is_bot, cost FROM clicks
+      UNION ALL
+      SELECT ts, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device, false, false,
+             is_bot, cost FROM impressions) AS e
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10"""
+ROLLED = """
+SELECT bucket, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device, impressions,
+       bot_impressions, clicks, unique_clicks, bot_clicks, cost
+FROM rollup_15m ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10"""
+
+
+def assorted(campaigns: list[int], now: datetime) -> list[dict]:  # type: ignore[type-arg]
+    """Clicks and impressions over two campaigns, two quarter hours and several dimensions:
+    bots, repeat visitors, CPC costs and CPM costs with nine decimals."""
+    from datetime import timedelta
+
+    events: list[dict] = []  # type: ignore[type-arg]
+    for i in range(60):
+        when = now - timedelta(minutes=20 * (i % 2))
+        fields = {"pub": f"p{i % 3}", "sub1": f"s{i % 4}", "country": "TR" if i % 5 else "DE",
+                  "device": "mobile" if i % 2 else "desktop", "ip": "203.0.113.0"}
+        events.append(click(campaigns[i % 2], when, is_bot=i % 7 == 0, is_unique=i % 3 == 0,
+                            cost="0" if i % 7 == 0 else ("0.25" if i % 2 else "1.000000001"),
+                            **fields))
+        events.append(impression(campaigns[i % 2], when, is_bot=i % 11 == 0,
+                                 cost="0" if i % 11 == 0 else "0.000250001", **fields))
+    return events
+
+
+async def test_a_new_batchs_rollups_equal_a_recount_of_its_rows(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """The rollups of a batch stored on the first try are summed from the batch itself, not
+    from the stored rows: they must still be exactly what a recount of the rows gives."""
+    s = quiet_service
+    campaigns = [(await s.create_campaign(slug=f"sum{i}"))["id"] for i in range(2)]
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    await add(redis, s.settings, assorted(campaigns, datetime.now(UTC)))
+    assert await writer.step(block=False) == 120
+    assert await counts(pg) == (60, 60, 60, 60)
+    rolled = [tuple(r) for r in await pg.fetch(ROLLED)]
+    assert rolled == [tuple(r) for r in await pg.fetch(RECOUNT)]
+    assert len(rolled) > 10
+    await redis.aclose()
+
+
+async def test_a_batch_stored_in_part_before_stores_and_counts_only_the_rest(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """A batch whose first part was committed before (a writer died between COMMIT and
+    XACK, another claimed a bigger batch around it), holding one event twice besides: the
+    first try meets rows it holds and is rolled back; the second stores only what is new,
+    once each, and the rollups count each event once."""
+    s = quiet_service
+    campaigns = [(await s.create_campaign(slug=f"part{i}"))["id"] for i in range(2)]
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    events = assorted(campaigns, datetime.now(UTC))
+    await add(redis, s.settings, events + events[-1:])  # the last event twice in the stream
+    batch = await writer._read(0, ">")
+    assert len(batch) == 121
+    await writer.write(batch[:50])
+    assert await counts(pg) == (25, 25, 25, 25)
+    await writer.write(batch)
+    assert await counts(pg) == (60, 60, 60, 60)
+    assert [tuple(r) for r in await pg.fetch(ROLLED)] == [tuple(r) for r in await pg.fetch(RECOUNT)]
+    await redis.aclose()
+
+
+async def test_what_text_copy_must_escape_is_stored_as_sent(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """Rows travel as COPY's text format: tabs, line breaks, backslashes (a literal \\N
+    too) in what visitors send must arrive as they were, and an absent address as NULL."""
+    s = quiet_service
+    c = await s.create_campaign(slug="escapes")
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    tricky = {"sub1": "\\N", "sub2": "tab\there", "user_agent": "line\nbreak\r\nand \\ slash",
+              "referer": "\\", "pub": "ünïcödé 🙂", "ip": "2001:db8::1"}
+    events = [click(c["id"], datetime.now(UTC), **tricky),
+              click(c["id"], datetime.now(UTC), sub1="plain"),
+              impression(c["id"], datetime.now(UTC), sub3="a\tb\\c")]
+    await add(redis, s.settings, events)
+    writer = writer_for(s.settings, redis)
+    await writer.ensure_group()
+    assert await writer.step(block=False) == 3
+    stored = await pg.fetchrow("SELECT sub1, sub2, user_agent, referer, pub, host(ip) AS ip "
+                               "FROM clicks WHERE sub1 <> 'plain'")
+    assert dict(stored) == tricky
+    assert await pg.fetchval("SELECT ip FROM clicks WHERE sub1 = 'plain'") is None
+    assert await pg.fetchval("SELECT sub3 FROM impressions") == "a\tb\\c"
+    assert await pg.fetchval("SELECT count(*) FROM dead_letters") == 0
+    await redis.aclose()

@@ -32,8 +32,9 @@ from redis.exceptions import RedisError, ResponseError
 from .. import metrics
 from ..storage import conversions as conversion_store
 from ..storage import events as store
-from ..redis_keys import Keys
 from ..redis_client import Client
+from ..redis_keys import Keys
+from ..storage import rows
 
 log = logging.getLogger(__name__)
 
@@ -382,51 +383,73 @@ class BatchWriter:
         metrics.WRITE_LAG.observe(max(0.0, time.time() - int(batch[0][0].split("-", 1)[0]) / 1000))
 
     async def _write_split(self, conn: asyncpg.Connection, batch: list[Entry]) -> None:
-        clicks, impressions, conversions, bad = [], [], [], []
-        for entry_id, fields in batch:
+        clicks: list[tuple[Entry, dict[str, Any]]] = []
+        impressions: list[tuple[Entry, dict[str, Any]]] = []
+        conversions: list[tuple[Any, ...]] = []
+        bad: list[tuple[Entry, str]] = []
+        for entry in batch:
             try:
-                event = orjson.loads(fields[b"e"])
+                event = orjson.loads(entry[1][b"e"])
                 kind = event["type"]
                 if kind == "click":
-                    clicks.append(store.click_record(event))
+                    clicks.append((entry, event))
                 elif kind == "impression":
-                    impressions.append(store.impression_record(event))
+                    impressions.append((entry, event))
                 elif kind == "conversion":
-                    conversions.append(store.conversion_record(event))
+                    conversions.append(rows.conversion_record(event))
                 else:
-                    raise store.BadEvent(f"unknown event type {kind!r}")
-            except (KeyError, TypeError, orjson.JSONDecodeError, store.BadEvent) as exc:
-                bad.append((entry_id, fields, repr(exc)))
+                    raise rows.BadEvent(f"unknown event type {kind!r}")
+            except (KeyError, TypeError, orjson.JSONDecodeError, rows.BadEvent) as exc:
+                bad.append((entry, repr(exc)))
         try:
-            async with conn.transaction():
-                for entry_id, fields, error in bad:
-                    await store.dead_letter(conn, entry_id, _payload(fields), error)
-                new_clicks, new_impressions = await store.write(conn, clicks, impressions)
-                # After the clicks' fold: one lock order for every writer (see the module).
-                new_conversions = await conversion_store.write(conn, conversions)
-            metrics.DEAD_LETTERS.inc(len(bad))
+            try:
+                counts = await self._transaction(conn, clicks, impressions, conversions, bad)
+            except store.Replayed:
+                # Written before, in part or whole (a crash between COMMIT and XACK, a claimed
+                # batch): rolled back; now only what is new is inserted and folded.
+                counts = await self._transaction(conn, clicks, impressions, conversions, bad,
+                                                 replayed=True)
         except asyncpg.PostgresError as exc:
             if not blames_a_row(exc):
                 raise
             if len(batch) == 1:
                 log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", batch[0][0], exc)
                 async with conn.transaction():
-                    await store.dead_letter(conn, batch[0][0], _payload(batch[0][1]), repr(exc))
+                    await store.dead_letters(conn, [(batch[0][0], _payload(batch[0][1]), repr(exc))])
                 metrics.DEAD_LETTERS.inc()
                 return
             half = len(batch) // 2
             await self._write_split(conn, batch[:half])
             await self._write_split(conn, batch[half:])
             return
+        new_clicks, new_impressions, new_conversions, refused = counts
+        metrics.DEAD_LETTERS.inc(refused)
         metrics.EVENTS_WRITTEN.labels("click").inc(new_clicks)
         metrics.EVENTS_WRITTEN.labels("impression").inc(new_impressions)
         metrics.EVENTS_WRITTEN.labels("conversion").inc(new_conversions)
 
+    @staticmethod
+    async def _transaction(conn: asyncpg.Connection,
+                           clicks: list[tuple[Entry, dict[str, Any]]],
+                           impressions: list[tuple[Entry, dict[str, Any]]],
+                           conversions: list[tuple[Any, ...]], bad: list[tuple[Entry, str]], *,
+                           replayed: bool = False) -> tuple[int, int, int, int]:
+        """One transaction: (new clicks, new impressions, new conversion versions, events
+        kept in dead_letters)."""
+        async with conn.transaction():
+            written = await store.write(conn, clicks, impressions, replayed=replayed)
+            # After the clicks' fold: one lock order for every writer (storage/conversions.py).
+            new_conversions = await conversion_store.write(conn, conversions)
+            refused = bad + written.refused
+            if refused:
+                await store.dead_letters(
+                    conn, [(entry_id, _payload(fields), error)
+                           for (entry_id, fields), error in refused])
+        return written.clicks, written.impressions, new_conversions, len(refused)
+
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await self._connect()
-            await store.prepare(self._conn)
-            await conversion_store.prepare(self._conn)
         return self._conn
 
     async def _close_conn(self) -> None:

@@ -24,22 +24,19 @@ COLUMNS = (
     "device", "source", "created_at", "ts", "source_net", "postback",
 )
 
-CREATE_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS incoming_conversions (
-    id uuid, version integer, click_id uuid, click_ts timestamptz, campaign_id bigint,
-    event text, txid text, status text, old_status text, raw_status text, amount text,
-    currency text, revenue text, cost text, order_value text, customer_id text,
-    visitor_id text, pub text, sub1 text, sub2 text, sub3 text, sub4 text, sub5 text,
-    country text, device text, source text, created_at timestamptz, ts timestamptz,
-    source_net text, postback text
-) ON COMMIT DELETE ROWS;
-"""
+TYPES = {"id": "uuid", "version": "integer", "click_id": "uuid", "click_ts": "timestamptz",
+         "campaign_id": "bigint", "created_at": "timestamptz", "ts": "timestamptz"}
+# The batch's versions as one array per column (text unless named above; PostgreSQL casts the
+# amounts and the network): per-transaction state only, so no temp table and no session.
+INCOMING = "unnest({}) AS incoming ({})".format(
+    ", ".join(f"${i}::{TYPES.get(c, 'text')}[]" for i, c in enumerate(COLUMNS, 1)),
+    ", ".join(COLUMNS))
 
 # Two-key advisory locks (class 7311): a space of their own, apart from the single-key
-# locks of migrations and partition upkeep.
+# locks of migrations and partition upkeep. Transaction-level: released at COMMIT.
 LOCK_BATCH = """
 SELECT count(pg_advisory_xact_lock(7311, hashtext(id::text)))
-FROM (SELECT DISTINCT id FROM incoming_conversions ORDER BY id) ids
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS ids (id) ORDER BY id) ids
 """
 
 BUCKET = "date_bin('15 minutes', {ts}, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
@@ -54,7 +51,7 @@ WITH staged AS (
            revenue::numeric AS revenue, cost::numeric AS cost,
            nullif(order_value, '')::numeric AS order_value, customer_id, visitor_id,
            {DIMS}, source, created_at, ts, source_net::cidr AS source_net, postback
-    FROM incoming_conversions
+    FROM {INCOMING}
 ), latest AS (
     SELECT DISTINCT ON (id) * FROM staged ORDER BY id, version DESC
 ), old AS (
@@ -152,18 +149,14 @@ FROM conversion_history WHERE conversion_id = $1 ORDER BY version
 """
 
 
-async def prepare(conn: asyncpg.Connection) -> None:
-    await conn.execute(CREATE_STAGING)
-
-
 async def write(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> int:
     """Apply a batch of conversion versions inside the caller's transaction; return how
     many new versions it recorded (a replayed batch records none and folds nothing)."""
     if not records:
         return 0
-    await conn.copy_records_to_table("incoming_conversions", records=records, columns=COLUMNS)
-    await conn.fetchval(LOCK_BATCH)
-    row = await conn.fetchrow(APPLY)
+    columns = [list(column) for column in zip(*records)]
+    await conn.fetchval(LOCK_BATCH, columns[0])
+    row = await conn.fetchrow(APPLY, *columns)
     return int(row[1])
 
 

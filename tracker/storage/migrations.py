@@ -1,6 +1,9 @@
 """Applies sql/NNN_name.sql in order, once each, recording what was applied.
 
-Safe to run from several processes at once: an advisory lock lets one migrate at a time.
+Safe to run from several processes at once: each migration is applied in a transaction of
+its own, under a transaction-level advisory lock, after reading the ledger again under it. A
+session lock would not do behind PgBouncer in transaction mode: taken on one server
+connection, it could be released on another, or never.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-import asyncpg
+from . import db
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +25,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
-LOCK = "SELECT pg_advisory_lock(hashtext('tracker_migrations'))"
-UNLOCK = "SELECT pg_advisory_unlock(hashtext('tracker_migrations'))"
+LOCK = "SELECT pg_advisory_xact_lock(hashtext('tracker_migrations'))"
 APPLIED = "SELECT version FROM schema_migrations"
 RECORD = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
 
@@ -42,23 +44,21 @@ def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
 
 async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply what is missing; return the names applied (empty when up to date)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await db.connect(dsn)
     applied_now: list[str] = []
     try:
-        await conn.execute(LOCK)
-        try:
-            await conn.execute(CREATE_LEDGER)
-            done = {r["version"] for r in await conn.fetch(APPLIED)}
-            for version, path in migration_files(sql_dir):
-                if version in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(path.read_text())
-                    await conn.execute(RECORD, version, path.name)
-                log.debug("applied migration %s", path.name)
-                applied_now.append(path.name)
-        finally:
-            await conn.execute(UNLOCK)
+        while True:
+            async with conn.transaction():
+                await conn.execute(LOCK)
+                await conn.execute(CREATE_LEDGER)
+                done = {r["version"] for r in await conn.fetch(APPLIED)}
+                missing = [(v, p) for v, p in migration_files(sql_dir) if v not in done]
+                if not missing:
+                    return applied_now
+                version, path = missing[0]
+                await conn.execute(path.read_text())
+                await conn.execute(RECORD, version, path.name)
+            log.debug("applied migration %s", path.name)
+            applied_now.append(path.name)
     finally:
         await conn.close()
-    return applied_now
