@@ -16,13 +16,11 @@ import asyncio
 import hashlib
 from typing import Any
 
-import hiredis
 import orjson
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import metrics
-from ..redis_client import Client
+from ..redis_client import Client, Command, send
 from ..redis_keys import Keys
 
 # The clicks of one tick and one shard, in order, in one call: a script call costs Redis as
@@ -82,9 +80,6 @@ redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6])
 return 1
 """
 SCRIPTS = (RECORD_CLICKS, RECORD_CONVERSION)
-
-
-Command = tuple[Any, ...]
 
 
 class EventBuffer:
@@ -201,34 +196,7 @@ class EventBuffer:
                 future.set_result(result)
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        """Send commands and read their replies in order; an error reply stands in its place.
-        On one server: on one pooled connection, packed by hiredis in C (redis-py's own
-        pipeline packs in Python, which cost more than the rest of a click). On a Cluster:
-        redis-py's cluster pipeline, which sends each node its commands and follows the
-        cluster as slots move."""
-        redis = self._redis
-        if isinstance(redis, RedisCluster):
-            pipe = redis.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return list(await pipe.execute(raise_on_error=False))
-        pool = redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            # A half-read connection must not go back to the pool as it is.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        return replies
+        return await send(self._redis, commands)
 
 
 def _fan_out(futures: list[asyncio.Future[Any]]) -> Any:

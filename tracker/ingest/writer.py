@@ -21,18 +21,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import metrics
 from ..storage import conversions as conversion_store
 from ..storage import events as store
-from ..redis_client import Client
+from ..redis_client import Client, send
 from ..redis_keys import Keys
 from ..storage import rows
 
@@ -118,7 +118,7 @@ class BatchWriter:
         self._shards = range(keys.shards)
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Taken] = []
-        self._ack_script = redis.register_script(ACK_AND_DELETE)
+        self._ack_sha = hashlib.sha1(ACK_AND_DELETE.encode()).hexdigest()
         self._remove_script = redis.register_script(REMOVE_IF_GONE)
         self._warned: set[str] = set()
         # Looked up once: the loop sets them on every step.
@@ -315,54 +315,52 @@ class BatchWriter:
 
     async def _read(self, shard: int, start: str, block: int | None = None,
                     count: int | None = None) -> list[Entry]:
-        try:
-            reply: Any = await self._redis.xreadgroup(
-                self._keys.group, self.consumer, {self._keys.streams[shard]: start},
-                count=count or self.batch_size, block=block)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # No group yet, or Redis came back empty (restarted without its data): make it;
-            # the events arriving from now on (and the spool's replay) need it.
-            log.warning("the stream's consumer group is missing; creating it")
-            await self._ensure_group(shard)
-            return []
-        if not reply:
-            return []
-        _, entries = reply[0]
-        return [(_s(i), f) for i, f in entries if f]
+        (entries,) = await self._reads([shard], start, count, block)
+        return entries
 
     async def _read_all(self, start: str, count: int | None = None) -> list[Taken]:
         """One non-blocking read of every shard's stream, in one pipelined round."""
-        if len(self._shards) == 1:
-            entries = await self._read(0, start, count=count)
-            return [(0, entries)] if entries else []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream in self._keys.streams:
-                pipe.xreadgroup(self._keys.group, self.consumer, {stream: start},
-                                count=count or self.batch_size)
-            replies = await pipe.execute(raise_on_error=False)
-        taken: list[Taken] = []
-        for shard, reply in enumerate(replies):
+        read = await self._reads(self._shards, start, count)
+        return [(shard, entries) for shard, entries in zip(self._shards, read) if entries]
+
+    async def _reads(self, shards: Iterable[int], start: str, count: int | None,
+                     block: int | None = None) -> list[list[Entry]]:
+        """XREADGROUP of each shard's stream, in one round trip; a missing group is made
+        (none yet, or Redis came back empty: the events arriving from now on, and the
+        spool's replay, need it) and reads as nothing."""
+        shards = list(shards)
+        wait = () if block is None else ("BLOCK", block)
+        replies = await send(self._redis, [
+            ("XREADGROUP", "GROUP", self._keys.group, self.consumer, "COUNT",
+             count or self.batch_size, *wait, "STREAMS", self._keys.streams[shard], start)
+            for shard in shards])
+        read: list[list[Entry]] = []
+        for shard, reply in zip(shards, replies):
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
-                log.warning("a stream's consumer group is missing; creating it")
+                log.warning("the stream's consumer group is missing; creating it")
                 await self._ensure_group(shard)
+                reply = None
             elif isinstance(reply, Exception):
                 raise reply
-            elif reply:
-                entries = [(_s(i), f) for i, f in reply[0][1] if f]
-                if entries:
-                    taken.append((shard, entries))
-        return taken
+            read.append(_entries(reply))
+        return read
 
     async def _ack(self, taken: list[Taken]) -> None:
         # One script per shard, in its slot, so the ids are encoded and sent once for both
         # commands; the copies of the clicks written go with them.
-        await asyncio.gather(*(
-            self._ack_script(keys=[self._keys.streams[shard],
-                                   *(f[b"k"] for _, f in entries if b"k" in f)],
-                             args=[self._keys.group, *(entry_id for entry_id, _ in entries)])
-            for shard, entries in taken))
+        commands = [("EVALSHA", self._ack_sha, 1 + sum(b"k" in f for _, f in entries),
+                     self._keys.streams[shard], *(f[b"k"] for _, f in entries if b"k" in f),
+                     self._keys.group, *(entry_id for entry_id, _ in entries))
+                    for shard, entries in taken]
+        replies = await send(self._redis, commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis restarted or was flushed since: load the script, then ack again (acking
+            # twice is harmless).
+            await self._redis.script_load(ACK_AND_DELETE)
+            replies = await send(self._redis, commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
@@ -512,6 +510,23 @@ class BatchWriter:
 
 class _Stopped(Exception):
     """stop() was called while the writer still waited for Redis to start."""
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """The entries of one stream's XREADGROUP reply: raw from one server ({stream: [[id,
+    [field, value, ...]], ...]} in RESP3, [[stream, [...]]] in RESP2), parsed ([[stream, [(id,
+    {field: value})]]]) from a Cluster pipeline. An entry deleted while pending reads without
+    fields: skipped."""
+    if not reply:
+        return []
+    entries = []
+    for entry_id, fields in (next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]):
+        if not fields:
+            continue
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2]))
+        entries.append((_s(entry_id), fields))
+    return entries
 
 
 def _count(taken: list[Taken]) -> int:
