@@ -627,7 +627,8 @@ def test_the_scaled_compose_reaches_postgres_through_pgbouncer_in_transaction_mo
     assert database["host"] in services and database["host"] != "pgbouncer"
     for name, service in scaled_instances().items():
         scheme, [host], path = url_parts(service["environment"]["DATABASE_URL"])
-        assert scheme == "postgresql" and path == "tracker", name
+        # Through PgBouncer the statement cache must be off (storage/db.py).
+        assert scheme == "postgresql" and path == "tracker?pgbouncer=true", name
         assert host == f"pgbouncer:{config['pgbouncer']['listen_port']}", name
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     # Migrations hold a session advisory lock: they run against PostgreSQL itself.
