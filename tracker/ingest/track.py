@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from .. import metrics
 from ..metrics import DropReason
 from ..campaigns import Campaign
-from ..ids import new_id
+from ..ids import new_id_text
 from ..macros import fill
 from .buffer import EventBuffer
 from .spool import Spool
@@ -67,7 +67,7 @@ class RequestTracker:
         # check costs a tenth of decoding it.
         if len(cookie) == 26 and cookie.isascii() and cookie.isalnum():
             return cookie
-        return str(new_id())
+        return new_id_text()
 
     def location(self, campaign: Campaign, params: dict[str, str], click_id: str) -> tuple[str, str]:
         """(the configured URL picked by weight, that URL with the click's macros filled)."""
@@ -76,7 +76,7 @@ class RequestTracker:
         return url, fill(template, values)
 
     async def click(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> Click:
-        click_id = str(new_id())
+        click_id = new_id_text()
         visitor_id = self.visitor_id(hit)
         _, location = self.location(campaign, params, click_id)
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
@@ -110,7 +110,7 @@ class RequestTracker:
     async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {
-            "type": "impression", "id": str(new_id()), "campaign_id": campaign.id,
+            "type": "impression", "id": new_id_text(), "campaign_id": campaign.id,
             "visitor_id": self.visitor_id(hit),
             **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
             "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
