@@ -480,8 +480,8 @@ class FastProtocol(asyncio.Protocol):
         last = not request.keep_alive or self.closing or (self.eof and not self.queue)
         self._write(answer, not last, method == b"HEAD", request.http10)
         requests, latency = self.server.series(request.route, method, answer.status)
-        requests.inc()
-        latency.observe(time.perf_counter() - started)
+        metrics.TALLY.inc(requests)
+        metrics.TALLY.observe(latency, time.perf_counter() - started)
         self.busy = False
         self.last_active = time.monotonic()
         if last:

@@ -102,9 +102,10 @@ class RequestTracker:
                 metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
                 log.error("click %s lost: Redis and the spool both failed: %r", click_id, disk)
                 return Click(click_id, visitor_id, location, recorded=False)
-            self._click_outcomes["bot" if visitor.is_bot else "accepted"].inc()
+            metrics.TALLY.inc(self._click_outcomes["bot" if visitor.is_bot else "accepted"])
             return Click(click_id, visitor_id, location, recorded=True)
-        self._click_outcomes["bot" if visitor.is_bot else ("accepted" if unique else "duplicate")].inc()
+        metrics.TALLY.inc(self._click_outcomes[
+            "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")])
         return Click(click_id, visitor_id, location, recorded=True)
 
     async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
@@ -128,7 +129,7 @@ class RequestTracker:
                 metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
                 log.error("impression lost: Redis and the spool both failed: %r", disk)
                 return False
-        self._impression_outcomes["bot" if visitor.is_bot else "accepted"].inc()
+        metrics.TALLY.inc(self._impression_outcomes["bot" if visitor.is_bot else "accepted"])
         return True
 
 
