@@ -26,7 +26,7 @@ VISITOR_COOKIE = "tv"
 LAST_CLICK_COOKIE = "tlc"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: cheaper to make, one per click
 class Click:
     click_id: str
     visitor_id: str
