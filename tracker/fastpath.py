@@ -16,6 +16,12 @@ bare LF, no CR inside a line) ends at the first CRLFCRLF after its start: that i
 per head, when llhttp says the head is complete, never per read. So the raw bytes of a request
 to hand over are known without parsing anything twice.
 
+Headers are not taken from llhttp one callback each (a browser sends a dozen, each a Python
+call): once llhttp has accepted the head, the few headers the tracking routes read are found
+in it by one regular expression. In strict mode every header line is `name:` OWS value CRLF,
+with no CR, LF or control character inside a value, so a line starts right after each CRLF;
+values are what llhttp would give (leading whitespace dropped, trailing kept).
+
 Requests on one connection are answered one at a time, in order: complete requests are queued
 as they arrive (pipelining), and what a client sent before closing its side is answered too.
 """
@@ -68,8 +74,10 @@ CONVERSION_ROUTES = {b"/postback": "/postback", b"/click.php": "/click.php",
 LAST_CLICK = "tlc"
 HOT_METHODS = (b"GET", b"HEAD")
 METHOD_NAMES = {b"GET": "GET", b"HEAD": "HEAD"}
-BODY_HEADERS = (b"content-length", b"transfer-encoding")
 FORWARDED_FOR = b"x-forwarded-for"
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+# What the tracking and conversion answers read (and the configured country header).
+READ_HEADERS = (b"user-agent", b"referer", b"cookie", FORWARDED_FOR) + BODY_HEADERS
 
 # What the connection does with what arrives next.
 FEED = 0        # parse it
@@ -80,15 +88,14 @@ DROP = 2        # ignore it: the last request this connection will answer is que
 class _Request:
     """One request as the parser's callbacks collect it."""
 
-    __slots__ = ("url_parts", "url_len", "headers", "forwarded", "has_body", "method", "url",
+    __slots__ = ("url_parts", "url_len", "headers", "forwarded", "method", "url",
                  "keep_alive", "http10", "size", "route")
 
     def __init__(self) -> None:
         self.url_parts: list[bytes] = []
         self.url_len = 0
-        self.headers: dict[bytes, bytes] = {}    # lower-case name: first value
+        self.headers: dict[bytes, bytes] = {}    # lower-case name: first value (those we read)
         self.forwarded: list[bytes] | None = None  # every X-Forwarded-For line, in order
-        self.has_body = False
         self.method = b""
         self.url = b""
         self.keep_alive = False
@@ -142,6 +149,12 @@ class FastServer:
         self.max_connections = app[SETTINGS].max_connections
         self.country_header = app[TRACKER].country_header.lower().encode()
         self.tracking = Tracking(app)
+        names = READ_HEADERS + ((self.country_header,) if self.country_header else ())
+        # Run over the lower-cased head: group 1 the name, group 2 the value (leading
+        # whitespace left out, trailing kept, as llhttp gives it). One pass: a search per
+        # name costs more, and a callback per header more again (measured in instructions).
+        self.header_lines = re.compile(
+            rb"\r\n(" + b"|".join(map(re.escape, names)) + rb"):[ \t]*([^\r]*)")
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.date = b""
@@ -357,23 +370,6 @@ class FastProtocol(asyncio.Protocol):
             self._stop(URL_TOO_LONG)  # at once: the rest of the URL is not waited for
         request.url_parts.append(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(value) > MAX_HEADER or len(name) > MAX_HEADER:
-            self._stop(HEADER_TOO_LARGE)
-        name = name.lower()
-        request = self.request
-        if name in BODY_HEADERS:
-            request.has_body = request.has_body or value.strip() not in (b"", b"0")
-        elif name == FORWARDED_FOR:
-            # Every line, in order: a proxy may add a line instead of appending to the client's.
-            if request.forwarded is None:
-                request.forwarded = [value]
-            else:
-                request.forwarded.append(value)
-            return
-        # The first of a repeated header wins, as in aiohttp's headers.get().
-        request.headers.setdefault(name, value)
-
     def on_headers_complete(self) -> None:
         request = self.request
         parser = self.parser
@@ -388,18 +384,43 @@ class FastProtocol(asyncio.Protocol):
         # is never read.)
         self.head_end = end = len(buffer) if end < 0 else end + 4
         request.size = end - self.start
+        head = bytes(buffer[first:end])
+        if len(head) > MAX_HEADER and _long_header(head):
+            self._stop(HEADER_TOO_LARGE)
         if request.size > MAX_HEAD:
             self._stop(HEAD_TOO_LARGE)
+        has_body = self._read_headers(request, head)
         url = request.url = b"".join(request.url_parts)
         method = request.method = parser.get_method()
         route = ROUTES.get(url[:3]) or CONVERSION_ROUTES.get(_path(url))
-        if method not in HOT_METHODS or route is None or request.has_body or parser.should_upgrade():
+        if method not in HOT_METHODS or route is None or has_body or parser.should_upgrade():
             self._stop(HAND_OVER)
         request.route = route
         # Asked now: llhttp forgets `Connection: close` once the message is complete.
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
         self.reparsed = False  # the next request may start over once too
+
+    def _read_headers(self, request: _Request, head: bytes) -> bool:
+        """Collect the headers we read from a head llhttp accepted; whether it announces a
+        body."""
+        has_body = False
+        headers = request.headers
+        for line in self.server.header_lines.finditer(head.lower()):
+            name = line[1]
+            value = head[line.start(2):line.end(2)]
+            if name in BODY_HEADERS:
+                has_body = has_body or value.strip() not in (b"", b"0")
+            elif name == FORWARDED_FOR:
+                # Every line, in order: a proxy may add a line instead of appending to the
+                # client's.
+                if request.forwarded is None:
+                    request.forwarded = [value]
+                else:
+                    request.forwarded.append(value)
+            elif name not in headers:
+                headers[name] = value  # the first of a repeated header wins, as in aiohttp
+        return has_body
 
     def on_message_complete(self) -> None:
         request = self.request
@@ -586,6 +607,17 @@ class FastProtocol(asyncio.Protocol):
         else:
             transport.abort()
         self.transport = None
+
+
+def _long_header(head: bytes) -> bool:
+    """Whether a header's name or value is over MAX_HEADER (only a line longer than that can
+    hold one)."""
+    for line in head.split(b"\r\n")[1:]:
+        if len(line) > MAX_HEADER:
+            name, _, value = line.partition(b":")
+            if len(name) > MAX_HEADER or len(value.lstrip(b" \t")) > MAX_HEADER:
+                return True
+    return False
 
 
 def _text(value: bytes | None) -> str:
