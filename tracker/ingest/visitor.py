@@ -76,7 +76,8 @@ class UserAgents:
         self._crawlers = CrawlerDetect()
         self.classify = lru_cache(maxsize=cache_size)(self._classify)
         # Keyed by the header as sent, cut to MAX_UA (so an entry stays bounded): cleaning it
-        # costs more than the lookup, and a few user agents make most of the traffic.
+        # costs more than the lookup, and a few user agents make most of the traffic. It
+        # parses through _classify, not the classify cache: one cache's worth of memory.
         self._facts = lru_cache(maxsize=cache_size)(self._facts_of)
 
     def facts(self, header: str) -> tuple[str, bool, str]:
@@ -85,7 +86,7 @@ class UserAgents:
 
     def _facts_of(self, header: str) -> tuple[str, bool, str]:
         user_agent = clean_header(header, MAX_UA)
-        return (user_agent, *self.classify(user_agent))
+        return (user_agent, *self._classify(user_agent))
 
     def _classify(self, user_agent: str) -> tuple[bool, str]:
         if not user_agent.strip():
