@@ -206,6 +206,7 @@ async def tracker_app(redis_url: str) -> tuple[web.Application, Any]:
         buffer: Any = EventBuffer(client, keys, 60, 60)
 
         async def closer() -> None:
+            await asyncio.sleep(0.5)  # the clicks still in flight when the count was reached
             await client.delete(keys.stream)
             await client.aclose()
     else:
