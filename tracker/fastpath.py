@@ -16,6 +16,12 @@ bare LF, no CR inside a line) ends at the first CRLFCRLF after its start: that i
 per head, when llhttp says the head is complete, never per read. So the raw bytes of a request
 to hand over are known without parsing anything twice.
 
+Headers are not taken from llhttp one callback each (a browser sends a dozen, each a Python
+call): once llhttp has accepted the head, the few headers the tracking routes read are found
+in it by one regular expression. In strict mode every header line is `name:` OWS value CRLF,
+with no CR, LF or control character inside a value, so a line starts right after each CRLF;
+values are what llhttp would give (leading whitespace dropped, trailing kept).
+
 Requests on one connection are answered one at a time, in order: complete requests are queued
 as they arrive (pipelining), and what a client sent before closing its side is answered too.
 """
@@ -38,7 +44,7 @@ from . import metrics
 from .errors import ApiError, error_body
 from .handlers.postback import address_of, answer_postback
 from .handlers.postback import answer_pixel as answer_conversion_pixel
-from .handlers.tracking import Answer, answer_click, answer_pixel, error_answer
+from .handlers.tracking import Answer, Tracking, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
 from .keys import SETTINGS, TRACKER
@@ -56,14 +62,22 @@ REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 401: b"Unauthorized",
            414: b"URI Too Long", 422: b"Unprocessable Content",
            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
            503: b"Service Unavailable"}
-ROUTES = {b"/c/": "/c/{slug}", b"/i/": "/i/{slug}"}
+# Each answer's first bytes, up to the Date header's value.
+STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\nDate: " % (status, reason)
+                for status, reason in REASONS.items()}
+CLICK_ROUTE = "/c/{slug}"
+PIXEL_ROUTE = "/i/{slug}"
+ROUTES = {b"/c/": CLICK_ROUTE, b"/i/": PIXEL_ROUTE}
 # Conversions by GET: whole paths (a body, a POST, goes to aiohttp).
 CONVERSION_ROUTES = {b"/postback": "/postback", b"/click.php": "/click.php",
                      b"/conversion.gif": "/conversion.gif"}
 LAST_CLICK = "tlc"
 HOT_METHODS = (b"GET", b"HEAD")
-BODY_HEADERS = (b"content-length", b"transfer-encoding")
+METHOD_NAMES = {b"GET": "GET", b"HEAD": "HEAD"}
 FORWARDED_FOR = b"x-forwarded-for"
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+# What the tracking and conversion answers read (and the configured country header).
+READ_HEADERS = (b"user-agent", b"referer", b"cookie", FORWARDED_FOR) + BODY_HEADERS
 
 # What the connection does with what arrives next.
 FEED = 0        # parse it
@@ -74,15 +88,14 @@ DROP = 2        # ignore it: the last request this connection will answer is que
 class _Request:
     """One request as the parser's callbacks collect it."""
 
-    __slots__ = ("url_parts", "url_len", "headers", "forwarded", "has_body", "method", "url",
+    __slots__ = ("url_parts", "url_len", "headers", "forwarded", "method", "url",
                  "keep_alive", "http10", "size", "route")
 
     def __init__(self) -> None:
         self.url_parts: list[bytes] = []
         self.url_len = 0
-        self.headers: dict[bytes, bytes] = {}    # lower-case name: first value
+        self.headers: dict[bytes, bytes] = {}    # lower-case name: first value (those we read)
         self.forwarded: list[bytes] | None = None  # every X-Forwarded-For line, in order
-        self.has_body = False
         self.method = b""
         self.url = b""
         self.keep_alive = False
@@ -135,6 +148,13 @@ class FastServer:
         self.idle: dict[FastProtocol, None] = {}
         self.max_connections = app[SETTINGS].max_connections
         self.country_header = app[TRACKER].country_header.lower().encode()
+        self.tracking = Tracking(app)
+        names = READ_HEADERS + ((self.country_header,) if self.country_header else ())
+        # Run over the lower-cased head: group 1 the name, group 2 the value (leading
+        # whitespace left out, trailing kept, as llhttp gives it). One pass: a search per
+        # name costs more, and a callback per header more again (measured in instructions).
+        self.header_lines = re.compile(
+            rb"\r\n(" + b"|".join(map(re.escape, names)) + rb"):[ \t]*([^\r]*)")
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.date = b""
@@ -350,23 +370,6 @@ class FastProtocol(asyncio.Protocol):
             self._stop(URL_TOO_LONG)  # at once: the rest of the URL is not waited for
         request.url_parts.append(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(value) > MAX_HEADER or len(name) > MAX_HEADER:
-            self._stop(HEADER_TOO_LARGE)
-        name = name.lower()
-        request = self.request
-        if name in BODY_HEADERS:
-            request.has_body = request.has_body or value.strip() not in (b"", b"0")
-        elif name == FORWARDED_FOR:
-            # Every line, in order: a proxy may add a line instead of appending to the client's.
-            if request.forwarded is None:
-                request.forwarded = [value]
-            else:
-                request.forwarded.append(value)
-            return
-        # The first of a repeated header wins, as in aiohttp's headers.get().
-        request.headers.setdefault(name, value)
-
     def on_headers_complete(self) -> None:
         request = self.request
         parser = self.parser
@@ -381,18 +384,43 @@ class FastProtocol(asyncio.Protocol):
         # is never read.)
         self.head_end = end = len(buffer) if end < 0 else end + 4
         request.size = end - self.start
+        head = bytes(buffer[first:end])
+        if len(head) > MAX_HEADER and _long_header(head):
+            self._stop(HEADER_TOO_LARGE)
         if request.size > MAX_HEAD:
             self._stop(HEAD_TOO_LARGE)
+        has_body = self._read_headers(request, head)
         url = request.url = b"".join(request.url_parts)
         method = request.method = parser.get_method()
         route = ROUTES.get(url[:3]) or CONVERSION_ROUTES.get(_path(url))
-        if method not in HOT_METHODS or route is None or request.has_body or parser.should_upgrade():
+        if method not in HOT_METHODS or route is None or has_body or parser.should_upgrade():
             self._stop(HAND_OVER)
         request.route = route
         # Asked now: llhttp forgets `Connection: close` once the message is complete.
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
         self.reparsed = False  # the next request may start over once too
+
+    def _read_headers(self, request: _Request, head: bytes) -> bool:
+        """Collect the headers we read from a head llhttp accepted; whether it announces a
+        body."""
+        has_body = False
+        headers = request.headers
+        for line in self.server.header_lines.finditer(head.lower()):
+            name = line[1]
+            value = head[line.start(2):line.end(2)]
+            if name in BODY_HEADERS:
+                has_body = has_body or value.strip() not in (b"", b"0")
+            elif name == FORWARDED_FOR:
+                # Every line, in order: a proxy may add a line instead of appending to the
+                # client's.
+                if request.forwarded is None:
+                    request.forwarded = [value]
+                else:
+                    request.forwarded.append(value)
+            elif name not in headers:
+                headers[name] = value  # the first of a repeated header wins, as in aiohttp
+        return has_body
 
     def on_message_complete(self) -> None:
         request = self.request
@@ -469,19 +497,26 @@ class FastProtocol(asyncio.Protocol):
 
     async def _serve(self, request: _Request) -> None:
         started = time.perf_counter()
-        method = request.method
+        server = self.server
+        route = request.route
         try:
-            answer = await self._answer(request)
+            if route == CLICK_ROUTE:
+                answer = await server.tracking.click(self._hit(request))
+            elif route == PIXEL_ROUTE:
+                answer = await server.tracking.pixel(self._hit(request))
+            else:
+                answer = await self._answer_conversion(request)
         except Exception:  # noqa: BLE001 - the visitor still gets an answer
-            self.server.app.logger.exception("tracking request failed")
+            server.app.logger.exception("tracking request failed")
             answer = Answer(500, [("Cache-Control", "no-store")],
                             error_body(500, "internal", "internal error"), "application/json")
         # The last answer: asked to close, or stopping, or the client is done sending.
         last = not request.keep_alive or self.closing or (self.eof and not self.queue)
+        method = request.method
         self._write(answer, not last, method == b"HEAD", request.http10)
-        requests, latency = self.server.series(request.route, method, answer.status)
-        requests.inc()
-        latency.observe(time.perf_counter() - started)
+        requests, latency = server.series(route, method, answer.status)
+        metrics.TALLY.inc(requests)
+        metrics.TALLY.observe(latency, time.perf_counter() - started)
         self.busy = False
         self.last_active = time.monotonic()
         if last:
@@ -489,30 +524,32 @@ class FastProtocol(asyncio.Protocol):
         else:
             self._next()
 
-    async def _answer(self, request: _Request) -> Answer:
+    def _hit(self, request: _Request) -> Hit:
         path, _, query = request.url.partition(b"?")
-        path, _, _ = path.partition(b"#")
+        if b"#" in path:
+            path = path.partition(b"#")[0]
+        slug = path[3:]
         headers = request.headers
         forwarded = request.forwarded
-        if path in CONVERSION_ROUTES:
-            return await self._answer_conversion(request, path, query)
-        hit = Hit(
-            method=request.method.decode(),
-            slug=unquote_to_bytes(path[3:]).decode("utf-8", "replace"),
-            query=_query(query),
-            peer=self.peer,
-            user_agent=_text(headers.get(b"user-agent")),
-            referer=_text(headers.get(b"referer")),
-            visitor_cookie=_cookie(headers.get(b"cookie"), VISITOR_COOKIE),
-            forwarded_for=_text(b",".join(forwarded)) if forwarded else "",
-            country_header=_text(headers.get(self.server.country_header))
-            if self.server.country_header else "",
+        country_header = self.server.country_header
+        # Positional: one Hit per request, and keywords cost more to pass. The URL is ASCII
+        # (bytes >= 0x80 arrive percent-encoded, see _parse): no %, nothing to unquote.
+        return Hit(
+            METHOD_NAMES[request.method],
+            (unquote_to_bytes(slug) if b"%" in slug else slug).decode("utf-8", "replace"),
+            _query(query),
+            self.peer,
+            _text(headers.get(b"user-agent")),
+            _text(headers.get(b"referer")),
+            _cookie(headers.get(b"cookie"), VISITOR_COOKIE),
+            _text(b",".join(forwarded)) if forwarded else "",
+            _text(headers.get(country_header)) if country_header else "",
         )
-        app = self.server.app
-        return await (answer_click(app, hit) if path[1:2] == b"c" else answer_pixel(app, hit))
 
-    async def _answer_conversion(self, request: _Request, path: bytes, query: bytes) -> Answer:
+    async def _answer_conversion(self, request: _Request) -> Answer:
         app = self.server.app
+        path, _, query = request.url.partition(b"?")
+        path = path.partition(b"#")[0]
         forwarded = request.forwarded
         address = address_of(app, self.peer, _text(b",".join(forwarded)) if forwarded else "")
         method = request.method.decode()
@@ -523,25 +560,26 @@ class FastProtocol(asyncio.Protocol):
         return await answer_postback(app, method, pairs, address, binom=path == b"/click.php")
 
     def _write(self, answer: Answer, keep_alive: bool, is_head: bool, http10: bool = False) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return  # the visitor left; what was recorded stays recorded
-        parts = [b"HTTP/1.1 ", str(answer.status).encode(), b" ",
-                 REASONS.get(answer.status, b"Unknown"), b"\r\nDate: ", self.server.http_date(),
-                 b"\r\nContent-Length: ", str(len(answer.body)).encode(), b"\r\n"]
+        status = answer.status
+        body = answer.body
+        # The head's text is joined and encoded once: a part per header cost more than the
+        # rest of writing the answer.
+        lines = [f"{name}: {value}\r\n" for name, value in answer.headers
+                 if "\r" not in value and "\n" not in value]  # never let a value split the head
         if answer.content_type:
-            parts += [b"Content-Type: ", answer.content_type.encode(), b"\r\n"]
-        for name, value in answer.headers:
-            if "\r" in value or "\n" in value:
-                continue  # never let a value split the head
-            parts += [name.encode(), b": ", value.encode(), b"\r\n"]
+            lines.insert(0, f"Content-Type: {answer.content_type}\r\n")
         if not keep_alive:
-            parts.append(b"Connection: close\r\n")
+            lines.append("Connection: close\r\n")
         elif http10:
-            parts.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
-        parts.append(b"\r\n")
-        if not is_head:
-            parts.append(answer.body)
-        self.transport.write(b"".join(parts))
+            lines.append("Connection: keep-alive\r\n")  # HTTP/1.0 closes unless told
+        lines.append("\r\n")
+        transport.write(b"".join((
+            STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\nDate: " % status,
+            self.server.http_date(), b"\r\nContent-Length: %d\r\n" % len(body),
+            "".join(lines).encode(), b"" if is_head else body)))
 
     def _fail(self, refusal: _Refusal) -> None:
         self._write(error_answer(ApiError(refusal.status, refusal.code, refusal.message)),
@@ -571,6 +609,17 @@ class FastProtocol(asyncio.Protocol):
         self.transport = None
 
 
+def _long_header(head: bytes) -> bool:
+    """Whether a header's name or value is over MAX_HEADER (only a line longer than that can
+    hold one)."""
+    for line in head.split(b"\r\n")[1:]:
+        if len(line) > MAX_HEADER:
+            name, _, value = line.partition(b":")
+            if len(name) > MAX_HEADER or len(value.lstrip(b" \t")) > MAX_HEADER:
+                return True
+    return False
+
+
 def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value else ""
 
@@ -581,8 +630,17 @@ def _query(raw: bytes) -> dict[str, str]:
     params: dict[str, str] = {}
     if raw:
         text = raw.decode("utf-8", "replace")
-        for name, value in parse_qsl(text, keep_blank_values=True, errors="replace"):
-            params.setdefault(name, value)
+        if "%" in text or "+" in text:
+            for name, value in parse_qsl(text, keep_blank_values=True, errors="replace"):
+                params.setdefault(name, value)
+            return params
+        # Nothing to decode: what parse_qsl does, without its per-field unquote() calls
+        # (most of a click's query parse).
+        for field in text.split("&"):
+            if field:
+                name, _, value = field.partition("=")
+                if name not in params:
+                    params[name] = value
     return params
 
 

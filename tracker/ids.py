@@ -5,6 +5,7 @@ The id's time part is the event's stored `ts`, so an id alone names its partitio
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import uuid
@@ -47,6 +48,64 @@ def encode_id(value: int) -> str:
         digits.append(_CROCKFORD[value & 31])
         value >>= 5
     return "".join(reversed(digits))
+
+
+# Every byte value to the Crockford digit of its low 5 bits: a uniformly random byte gives a
+# uniformly random digit, so 16 random bytes are an id's 80 random bits, translated in C.
+_DIGIT_OF_BYTE = bytes(_CROCKFORD.encode()[b & 31] for b in range(256))
+# Two digits for every 10-bit number: a millisecond time (48 bits, 10 digits) in 5 lookups.
+_PAIRS = [_CROCKFORD[n >> 5] + _CROCKFORD[n & 31] for n in range(1024)]
+# Random bytes read from the kernel at once: one getrandom() per 256 ids, not one per id.
+RANDOM_POOL = 4096
+
+
+def time_text(ms: int) -> str:
+    """The first 10 characters of a ULID made at `ms`."""
+    pairs = _PAIRS
+    return (pairs[ms >> 40 & 1023] + pairs[ms >> 30 & 1023] + pairs[ms >> 20 & 1023]
+            + pairs[ms >> 10 & 1023] + pairs[ms & 1023])
+
+
+def random_text(random: bytes) -> str:
+    """The 16 random characters of a ULID from 16 random bytes (5 bits of each)."""
+    return random.translate(_DIGIT_OF_BYTE).decode()
+
+
+class _IdSource:
+    """ULID texts made directly, without a ULID object: a click needs two, and str(new_id())
+    cost as much as the rest of the click's tracking. The time part is encoded once per
+    millisecond; the random part comes from the kernel's CSPRNG (os.urandom, as in new_id),
+    read in blocks and translated to digits a block at a time."""
+
+    __slots__ = ("_digits", "_at", "_ms", "_prefix")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._digits = ""
+        self._at = 0
+        self._ms = -1
+        self._prefix = ""
+
+    def next(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ms:
+            self._ms = ms
+            self._prefix = time_text(ms)
+        at = self._at
+        if at == len(self._digits):
+            self._digits = random_text(os.urandom(RANDOM_POOL))
+            at = 0
+        self._at = at + 16
+        return self._prefix + self._digits[at:at + 16]
+
+
+_SOURCE = _IdSource()
+# A forked child must never hand out the random digits its parent holds too.
+os.register_at_fork(after_in_child=_SOURCE.reset)
+new_id_text = _SOURCE.next
+"""The text of a new ULID: what str(new_id()) gives, at a fraction of its cost."""
 
 
 def parse_id(text: str) -> ULID | None:

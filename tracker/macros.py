@@ -70,6 +70,8 @@ def fill(template: Template, values: Mapping[str, str]) -> str:
     for i in range(1, len(template), 2):
         value = values.get(template[i], "")
         if value:
-            out.append(quote(value, safe=""))
+            # ASCII letters and digits are what quote() leaves alone; checking costs a tenth
+            # of quoting (click ids, numbers and most sub ids are such).
+            out.append(value if value.isalnum() and value.isascii() else quote(value, safe=""))
         out.append(template[i + 1])
     return "".join(out)

@@ -11,9 +11,12 @@ which stays right while two instances both export during a handover of the lease
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -132,6 +135,65 @@ class DropReason(StrEnum):
     INVALID_TRANSITION = "invalid_transition"
     UNAUTHORIZED = "unauthorized"
     CURRENCY_UNSUPPORTED = "currency_unsupported"
+
+
+class Tally:
+    """The hot path's counts, added up in plain numbers and handed to prometheus_client once
+    per event-loop tick.
+
+    In multiprocess mode every increment takes a lock, asks the kernel for the process id and
+    writes a memory-mapped file: a click's three series cost about a tenth of its CPU. Under
+    load one tick answers dozens of requests, and they share one write per series. What a
+    tick counted is written by a callback it schedules, which runs before any callback
+    scheduled after it: a request that arrives after an answer (/metrics) sees its counts.
+
+    Takes children (labels() already applied, which costs as much as an increment)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, int] = {}
+        self._sums: dict[Any, float] = {}                 # histogram child → sum of values
+        self._buckets: dict[tuple[Any, int], int] = {}    # (child, bucket index) → count
+        self._scheduled = False
+
+    def inc(self, counter: Any) -> None:
+        counts = self._counts
+        counts[counter] = counts.get(counter, 0) + 1
+        if not self._scheduled:
+            self._schedule()
+
+    def observe(self, histogram: Any, value: float) -> None:
+        # The bucket observe() picks: the first upper bound >= value (the last one is +Inf).
+        key = (histogram, bisect_left(histogram._upper_bounds, value))
+        self._buckets[key] = self._buckets.get(key, 0) + 1
+        self._sums[histogram] = self._sums.get(histogram, 0.0) + value
+        if not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the loop (a script, a test): at once
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        counts, self._counts = self._counts, {}
+        sums, self._sums = self._sums, {}
+        buckets, self._buckets = self._buckets, {}
+        for counter, n in counts.items():
+            counter.inc(n)
+        # What Histogram.observe() writes per value, written once per tick here: its sum and
+        # its buckets' values (tests/unit/test_metrics.py holds this to observe()'s result).
+        for histogram, total in sums.items():
+            histogram._sum.inc(total)
+        for (histogram, index), n in buckets.items():
+            histogram._buckets[index].inc(n)
+
+
+TALLY = Tally()
 
 
 def dropped(kind: str, reason: DropReason) -> None:

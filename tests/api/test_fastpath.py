@@ -7,6 +7,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import httptools
 import pytest
 
@@ -14,7 +15,7 @@ from tracker import fastpath
 from tracker.handlers.tracking import GIF
 from tracker.settings import Settings
 
-from ..conftest import AUTH, BROWSER, Running, start
+from ..conftest import AUTH, BROWSER, Running, eventually, start
 
 
 async def raw(service: Running, payload: bytes, read_until_close: bool = True,
@@ -94,6 +95,35 @@ async def test_a_connection_is_handed_to_aiohttp_mid_stream(service: Running) ->
     assert data.count(b"HTTP/1.1 ") == 3
     assert data.startswith(b"HTTP/1.1 302 Found")
     assert b'{"status":"ok"}' in data and b'"slug":"mixed"' in data
+
+
+async def test_headers_are_read_whatever_their_case_order_and_lookalikes(
+        service: Running, pg: asyncpg.Connection) -> None:
+    """The fast path finds the headers it reads in the head itself: a name in any case, the
+    first of a repeated one, never a header whose name merely contains it."""
+    await service.create_campaign(slug="hdr")
+    iphone = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1")
+    visitor = "01HZY3K8J2V6Q4N5M7P9R0S1T2"
+    data = await raw(service, (
+        "GET /c/hdr HTTP/1.1\r\nHost: t\r\nX-User-Agent: curl/8.5.0\r\n"
+        f"user-AGENT:  \t{iphone}\r\nUser-Agent: curl/8.5.0\r\n"
+        "X-Referer: https://x.example/\r\nREFERER: https://news.example/a?b=c\r\n"
+        "Cookie2: tv=01AAAAAAAAAAAAAAAAAAAAAAAA\r\n"
+        f"cookie: a=b; tv={visitor}\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n").encode())
+    ((status, headers, _),) = responses(data)
+    assert status == 302 and "server" not in headers  # answered by the fast path
+    assert headers["set-cookie"][0].startswith(f"tv={visitor};")
+
+    async def stored() -> asyncpg.Record | None:
+        return await pg.fetchrow("SELECT user_agent, referer, device, is_bot, visitor_id "
+                                 "FROM clicks")
+
+    row = await eventually(stored)
+    assert row is not None
+    assert dict(row) == {"user_agent": iphone, "referer": "https://news.example/a?b=c",
+                         "device": "mobile", "is_bot": False, "visitor_id": visitor}
 
 
 async def test_http_1_0_head_and_bodies(service: Running) -> None:

@@ -19,9 +19,30 @@ def _keepable(value: str) -> bool:
     return len(value) <= MAX_VALUE and value.isascii() and value.isprintable()
 
 
+KNOWN = frozenset(TRACKING_PARAMS)
+
+
 def read_params(query: Mapping[str, str]) -> dict[str, str]:
     """Known parameters only (ad networks append their own; those are ignored). A value that
     is too long, not UTF-8, or holds control characters is refused by name."""
+    # The common case, in one pass over what the URL carries (a few parameters, not the 19
+    # known names): every known value is printable ASCII of an allowed length, which every
+    # rule below accepts as it is. (A dict holds one value a name, the first, as the fast path
+    # parses it; aiohttp's multidict may hold repeats, and get() is the first.)
+    if type(query) is not dict:
+        return _read_each(query)
+    params: dict[str, str] = {}
+    for name, value in query.items():
+        if value and name in KNOWN:
+            if len(value) > MAX_VALUE or not value.isascii() or not value.isprintable():
+                return _read_each(query)
+            params[name] = value
+    return params
+
+
+def _read_each(query: Mapping[str, str]) -> dict[str, str]:
+    """read_params with each rule applied, name by name in TRACKING_PARAMS' order (the first
+    name at fault is the one refused)."""
     params: dict[str, str] = {}
     for name in TRACKING_PARAMS:
         value = query.get(name)

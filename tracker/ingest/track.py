@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from .. import metrics
 from ..metrics import DropReason
 from ..campaigns import Campaign
-from ..ids import new_id
+from ..ids import new_id_text
 from ..macros import fill
 from .buffer import EventBuffer
 from .spool import Spool
@@ -26,7 +26,7 @@ VISITOR_COOKIE = "tv"
 LAST_CLICK_COOKIE = "tlc"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: cheaper to make, one per click
 class Click:
     click_id: str
     visitor_id: str
@@ -67,7 +67,7 @@ class RequestTracker:
         # check costs a tenth of decoding it.
         if len(cookie) == 26 and cookie.isascii() and cookie.isalnum():
             return cookie
-        return str(new_id())
+        return new_id_text()
 
     def location(self, campaign: Campaign, params: dict[str, str], click_id: str) -> tuple[str, str]:
         """(the configured URL picked by weight, that URL with the click's macros filled)."""
@@ -77,7 +77,7 @@ class RequestTracker:
 
     async def click(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> Click:
         visitor_id = self.visitor_id(hit)
-        click_id = self._buffer.stamp(str(new_id()), campaign.id, visitor_id)
+        click_id = self._buffer.stamp(new_id_text(), campaign.id, visitor_id)
         _, location = self.location(campaign, params, click_id)
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {
@@ -102,15 +102,16 @@ class RequestTracker:
                 metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
                 log.error("click %s lost: Redis and the spool both failed: %r", click_id, disk)
                 return Click(click_id, visitor_id, location, recorded=False)
-            self._click_outcomes["bot" if visitor.is_bot else "accepted"].inc()
+            metrics.TALLY.inc(self._click_outcomes["bot" if visitor.is_bot else "accepted"])
             return Click(click_id, visitor_id, location, recorded=True)
-        self._click_outcomes["bot" if visitor.is_bot else ("accepted" if unique else "duplicate")].inc()
+        metrics.TALLY.inc(self._click_outcomes[
+            "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")])
         return Click(click_id, visitor_id, location, recorded=True)
 
     async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
         event = {
-            "type": "impression", "id": str(new_id()), "campaign_id": campaign.id,
+            "type": "impression", "id": new_id_text(), "campaign_id": campaign.id,
             "visitor_id": self.visitor_id(hit),
             **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
             "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
@@ -128,7 +129,7 @@ class RequestTracker:
                 metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
                 log.error("impression lost: Redis and the spool both failed: %r", disk)
                 return False
-        self._impression_outcomes["bot" if visitor.is_bot else "accepted"].inc()
+        metrics.TALLY.inc(self._impression_outcomes["bot" if visitor.is_bot else "accepted"])
         return True
 
 

@@ -21,7 +21,10 @@ _CONTROL = dict.fromkeys(list(range(0x20)) + [0x7F])
 
 def clean_header(value: str, limit: int) -> str:
     """Header text safe to store: control characters removed, length bounded."""
-    return value[:limit].translate(_CONTROL)
+    value = value[:limit]
+    # Control characters are never printable: the common case skips translate(), which
+    # looks every character up in a dict.
+    return value if value.isprintable() else value.translate(_CONTROL)
 
 
 @lru_cache(maxsize=65536)
@@ -37,7 +40,9 @@ def mask_ip(address: str) -> str | None:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and one Hit is
+# made per request. Nothing changes one after it is made.
+@dataclass(slots=True)
 class Hit:
     """What a tracking request carries, read once by whichever server took it (the fast path
     or aiohttp): everything the pipeline looks at, nothing else."""
@@ -70,6 +75,18 @@ class UserAgents:
     def __init__(self, cache_size: int = 16384) -> None:
         self._crawlers = CrawlerDetect()
         self.classify = lru_cache(maxsize=cache_size)(self._classify)
+        # Keyed by the header as sent, cut to MAX_UA (so an entry stays bounded): cleaning it
+        # costs more than the lookup, and a few user agents make most of the traffic. It
+        # parses through _classify, not the classify cache: one cache's worth of memory.
+        self._facts = lru_cache(maxsize=cache_size)(self._facts_of)
+
+    def facts(self, header: str) -> tuple[str, bool, str]:
+        """(the user agent as stored, is_bot, device) of a User-Agent header."""
+        return self._facts(header[:MAX_UA])
+
+    def _facts_of(self, header: str) -> tuple[str, bool, str]:
+        user_agent = clean_header(header, MAX_UA)
+        return (user_agent, *self._classify(user_agent))
 
     def _classify(self, user_agent: str) -> tuple[bool, str]:
         if not user_agent.strip():
@@ -122,7 +139,7 @@ class Countries:
             self._reader.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Visitor:
     ip: str | None      # masked
     country: str
@@ -133,8 +150,7 @@ class Visitor:
 
 def visitor_of(hit: Hit, agents: UserAgents, countries: Countries, proxy_hops: int) -> Visitor:
     address = client_ip(hit, proxy_hops)
-    user_agent = clean_header(hit.user_agent, MAX_UA)
-    is_bot, device = agents.classify(user_agent)
+    user_agent, is_bot, device = agents.facts(hit.user_agent)
     return Visitor(
         ip=mask_ip(address) if address else None,
         country=countries.lookup(hit, address),
