@@ -92,6 +92,7 @@ class ConversionRecorder:
         self._buffer = buffer
         self._keys = keys
         self._pool = pool
+        self._click_reads = click_store.ClickReads(pool)
         self._campaigns = campaigns
         self._rates = rates
         self._authorize = authorize
@@ -179,7 +180,7 @@ class ConversionRecorder:
             data: dict[str, Any] = orjson.loads(copy)
             return data
         ts = datetime.fromtimestamp((click_value >> 80) / 1000, UTC)
-        row = await click_store.get(self._pool, UUID(int=click_value), ts)
+        row = await self._click_reads.get(UUID(int=click_value), ts)
         if row is None:
             raise unknown_click()
         return dict(row)
