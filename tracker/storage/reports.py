@@ -1,16 +1,20 @@
-"""Reports over the 15-minute rollups.
+"""Reports over the rollups: the daily or hourly ones by campaign alone when the report
+needs no other dimension, else the 15-minute ones by every dimension
+(sql/006_campaign_rollups.sql).
 
-Local days and hours are cut at the rollup's bucket starts, which is exact in every IANA zone:
-every offset (+03:30 Tehran, +05:45 Kathmandu, -03:30 St John's) is a whole number of
-15-minute steps. Hours are keyed by their UTC instant, so the hour a DST change repeats stays
-two rows.
+Local days and hours are cut at the rollup's bucket starts, which is exact in every IANA zone
+for 15-minute buckets: every offset (+03:30 Tehran, +05:45 Kathmandu, -03:30 St John's) is a
+whole number of 15-minute steps. Hourly buckets are exact only where the zone's offset is a
+whole number of hours and daily ones only for UTC's own days, so they are read only there.
+Hours are keyed by their UTC instant, so the hour a DST change repeats stays two rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -35,19 +39,34 @@ SUMS = """sum(impressions) AS impressions, sum(clicks) AS clicks,
     sum(conversions) AS conversions, sum(revenue) AS revenue,
     sum(pending_conversions) AS pending_conversions, sum(pending_revenue) AS pending_revenue,
     CASE WHEN min(k.currency) = max(k.currency) THEN min(k.currency) END AS currency"""
-DIMS = "bucket, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device"
 # Traffic and conversions side by side: clicks by click time; conversions by conversion or
 # click time, as the report asks ($4).
-EVENTS = f"""(
-    SELECT {DIMS}, NULL::text AS event, impressions, clicks, unique_clicks, bot_clicks, cost,
+EVENTS = """(
+    SELECT {dims}, {no_event} impressions, clicks, unique_clicks, bot_clicks, cost,
            0::bigint AS conversions, 0::numeric AS revenue, 0::bigint AS pending_conversions,
            0::numeric AS pending_revenue
-    FROM rollup_15m WHERE bucket >= $1 AND bucket < $2
+    FROM {traffic} WHERE bucket >= $1 AND bucket < $2
     UNION ALL
-    SELECT {DIMS}, event, 0, 0, 0, 0, cost, conversions, revenue, pending_conversions,
+    SELECT {dims}, {event} 0, 0, 0, 0, cost, conversions, revenue, pending_conversions,
            pending_revenue
-    FROM conversion_rollup_15m WHERE basis = $4 AND bucket >= $1 AND bucket < $2
+    FROM {conversions} WHERE basis = $4 AND bucket >= $1 AND bucket < $2
 ) e LEFT JOIN campaigns k ON k.id = e.campaign_id"""
+FINE_EVENTS = EVENTS.format(
+    dims="bucket, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device",
+    no_event="NULL::text AS event,", event="event,", traffic="rollup_15m",
+    conversions="conversion_rollup_15m")
+CAMPAIGN_EVENTS = {grain: EVENTS.format(dims="bucket, campaign_id", no_event="", event="",
+                                         traffic=f"rollup_campaign_{grain}",
+                                         conversions=f"conversion_rollup_campaign_{grain}")
+                   for grain in ("1h", "1d")}
+# What the campaign rollups can answer: they know the campaign and the time, nothing else.
+CAMPAIGN_GROUPS = frozenset(["campaign", "day", "hour"])
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# No zone keeps an offset for less than this (DST lasts months): sampling the range this
+# often finds every offset a zone has in it.
+OFFSET_SAMPLE = timedelta(hours=6)
 
 CHECK_ZONE = "SELECT now() AT TIME ZONE $1"
 
@@ -63,6 +82,40 @@ class ReportQuery:
     date_basis: str = "conversion"
 
 
+def _on_step(when: datetime, step: timedelta) -> bool:
+    return (when - EPOCH) % step == timedelta(0)
+
+
+def _offsets(tz: str, start: datetime, end: datetime, step: timedelta) -> bool:
+    """Whether `tz`'s offset from UTC is a whole number of `step`s all through [start, end]."""
+    zone = ZoneInfo(tz)
+    when = start
+    while True:
+        offset = when.astimezone(zone).utcoffset()
+        if offset is None or offset % step:
+            return False
+        if when >= end:
+            return True
+        when = min(when + OFFSET_SAMPLE, end)
+
+
+def campaign_grain(query: ReportQuery) -> str | None:
+    """The campaign rollup ("1d" or "1h") that answers `query` exactly, None when only the
+    15-minute rollups can: no dimension but campaign and time, a range of whole UTC days or
+    hours, and local days (and hours) that start on the buckets' UTC boundaries."""
+    if query.pub is not None or not CAMPAIGN_GROUPS.issuperset(query.group_by):
+        return None
+    local = {"day", "hour"}.intersection(query.group_by)
+    for grain, step in (("1d", DAY), ("1h", HOUR)):
+        if grain == "1d" and "hour" in local:
+            continue
+        if not (_on_step(query.start, step) and _on_step(query.end, step)):
+            continue
+        if not local or _offsets(query.tz, query.start, query.end, step):
+            return grain
+    return None
+
+
 def build(query: ReportQuery) -> tuple[str, list[Any]]:
     params: list[Any] = [query.start, query.end, query.tz, query.date_basis]
     # $3 must appear in the statement even when no group uses it.
@@ -75,7 +128,9 @@ def build(query: ReportQuery) -> tuple[str, list[Any]]:
         where.append(f"e.pub = ${len(params)}")
     keys = [f"{GROUPS[g] if g != 'campaign' else 'e.campaign_id'} AS {g}" for g in query.group_by]
     select = ", ".join(keys + [SUMS])
-    sql = f"SELECT {select} FROM {EVENTS} WHERE {' AND '.join(where)}"
+    grain = campaign_grain(query)
+    events = FINE_EVENTS if grain is None else CAMPAIGN_EVENTS[grain]
+    sql = f"SELECT {select} FROM {events} WHERE {' AND '.join(where)}"
     if query.group_by:
         positions = ", ".join(str(i) for i in range(1, len(query.group_by) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
