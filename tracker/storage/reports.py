@@ -59,6 +59,64 @@ CAMPAIGN_EVENTS = {grain: EVENTS.format(dims="bucket, campaign_id", no_event="",
                                          traffic=f"rollup_campaign_{grain}",
                                          conversions=f"conversion_rollup_campaign_{grain}")
                    for grain in ("1h", "1d")}
+
+# Local days from daily rows where whole UTC days allow (sql/006_campaign_rollups.sql): a
+# range of whole hours in a zone of whole-hour offsets is its UTC days [d1, d2) from the
+# daily rows, each counted on its UTC date, plus the hourly rows of the partial UTC days at
+# its ends; grouped by local day, the hours of [d1, d2) whose local date is not their UTC
+# date are moved from the one to the other (subtracted, added). Istanbul's 30 days read
+# 6,000 daily rows and ~40,000 hourly ones instead of 144,000 hourly ones.
+UTC_DAY = "(bucket AT TIME ZONE 'UTC')::date"
+LOCAL_DAY = "(bucket AT TIME ZONE $3)::date"
+TRAFFIC = "{s}impressions, {s}clicks, {s}unique_clicks, {s}bot_clicks, {s}cost, 0::bigint, " \
+          "0::numeric, 0::bigint, 0::numeric"
+CONVERSIONS = "0::bigint, 0::bigint, 0::bigint, 0::bigint, {s}cost, {s}conversions, " \
+              "{s}revenue, {s}pending_conversions, {s}pending_revenue"
+NAMES = ("impressions", "clicks", "unique_clicks", "bot_clicks", "cost", "conversions",
+         "revenue", "pending_conversions", "pending_revenue")
+
+
+def _part(grain: str, day: str, sign: str, condition: str) -> str:
+    """Traffic and conversions of one campaign rollup, signed, keyed by a day."""
+    traffic = TRAFFIC.format(s=sign).split(", ")
+    names = ", ".join(f"{v} AS {n}" for v, n in zip(traffic, NAMES))
+    return (f"SELECT campaign_id, {day} AS local_day, {names} "
+            f"FROM rollup_campaign_{grain} WHERE {condition} UNION ALL "
+            f"SELECT campaign_id, {day}, {CONVERSIONS.format(s=sign)} "
+            f"FROM conversion_rollup_campaign_{grain} WHERE basis = $4 AND {condition}")
+
+
+def _moved_hours(tz: str, d1: datetime, d2: datetime) -> list[datetime]:
+    """The UTC hours of [d1, d2) whose date in `tz` is not their UTC date."""
+    zone = ZoneInfo(tz)
+    hours = []
+    when = d1
+    while when < d2:
+        if when.astimezone(zone).date() != when.date():
+            hours.append(when)
+        when += HOUR
+    return hours
+
+
+def _days_and_hours(query: ReportQuery, params: list[Any]) -> str | None:
+    """The events of `query` from daily rows and the hourly ones around them, or None when
+    the range holds no whole UTC day."""
+    d1 = EPOCH + -((EPOCH - query.start) // DAY) * DAY
+    d2 = EPOCH + ((query.end - EPOCH) // DAY) * DAY
+    if d1 >= d2:
+        return None
+    params += [d1, d2]
+    lo, hi = f"${len(params) - 1}", f"${len(params)}"
+    parts = [_part("1d", UTC_DAY, "", f"bucket >= {lo} AND bucket < {hi}"),
+             _part("1h", LOCAL_DAY, "", f"(bucket >= $1 AND bucket < {lo} "
+                                        f"OR bucket >= {hi} AND bucket < $2)")]
+    if "day" in query.group_by:
+        params.append(_moved_hours(query.tz, d1, d2))
+        moved = f"bucket = ANY(${len(params)}::timestamptz[])"
+        parts += [_part("1h", UTC_DAY, "-", moved), _part("1h", LOCAL_DAY, "", moved)]
+    return "(" + " UNION ALL ".join(parts) + ") e LEFT JOIN campaigns k ON k.id = e.campaign_id"
+
+
 # What the campaign rollups can answer: they know the campaign and the time, nothing else.
 CAMPAIGN_GROUPS = frozenset(["campaign", "day", "hour"])
 HOUR = timedelta(hours=1)
@@ -126,10 +184,15 @@ def build(query: ReportQuery) -> tuple[str, list[Any]]:
     if query.pub is not None:
         params.append(query.pub)
         where.append(f"e.pub = ${len(params)}")
-    keys = [f"{GROUPS[g] if g != 'campaign' else 'e.campaign_id'} AS {g}" for g in query.group_by]
-    select = ", ".join(keys + [SUMS])
     grain = campaign_grain(query)
     events = FINE_EVENTS if grain is None else CAMPAIGN_EVENTS[grain]
+    groups = GROUPS | {"campaign": "e.campaign_id"}
+    if grain == "1h" and "hour" not in query.group_by:
+        mixed = _days_and_hours(query, params)
+        if mixed is not None:
+            events, groups = mixed, groups | {"day": "e.local_day"}
+    keys = [f"{groups[g]} AS {g}" for g in query.group_by]
+    select = ", ".join(keys + [SUMS])
     sql = f"SELECT {select} FROM {events} WHERE {' AND '.join(where)}"
     if query.group_by:
         positions = ", ".join(str(i) for i in range(1, len(query.group_by) + 1))
