@@ -1,12 +1,12 @@
--- Rollups by campaign alone, hourly and daily, for the reports that need no other dimension
--- (issue 12).
+-- Rollups by campaign alone, by quarter hour, hour and day, for the reports that need no
+-- other dimension (issue 12).
 --
 -- rollup_15m is keyed by every dimension (pub, sub1..sub5, country, device), and real
 -- traffic spreads a campaign's clicks of a quarter hour over many distinct sub ids: with
 -- 10 million clicks over 30 days and 200 campaigns it held 0.99 rows per click, so a 30-day
 -- report by campaign or by day read ~10 million rows (seconds). From these tables the same
--- report reads campaigns x days (6 thousand rows for 30 days) or campaigns x hours (144
--- thousand).
+-- report reads campaigns x days (6 thousand rows for 30 days), plus the hours and quarter
+-- hours where a local day does not follow UTC's (tracker/storage/reports.py).
 --
 -- They are kept by triggers on the 15-minute rollups, in the writer's transaction: every
 -- change of a 15-minute row (insert, the writer's ON CONFLICT update, a delete, a truncate)
@@ -14,11 +14,10 @@
 -- and the writer's exactly-once fold carries over as it is. Statement triggers with
 -- transition tables: one grouped upsert per batch and grain, not one per row. Each set of
 -- rows is locked in key order, after the statement's own 15-minute rows: every writer locks
--- 15-minute rows, then hourly, then daily ones, so writers never deadlock on them.
+-- 15-minute rows, then these grain by grain, so writers never deadlock on them.
 --
--- Buckets are UTC hours and UTC days (date_bin: the session's time zone plays no part).
--- Hours are exact for the days and hours of every zone whose offset is a whole number of
--- hours, days for UTC's days; other reports (+05:30, +05:45) read the 15-minute rollups.
+-- Buckets are UTC quarter hours, hours and days (date_bin: the session's time zone plays no
+-- part).
 
 CREATE TABLE rollup_campaign_1h (
     bucket          timestamptz NOT NULL,
@@ -47,9 +46,12 @@ CREATE TABLE conversion_rollup_campaign_1h (
 CREATE INDEX conversion_rollup_campaign_1h_campaign
     ON conversion_rollup_campaign_1h (campaign_id, bucket);
 
--- The same by UTC day: a 30-day report in UTC reads campaigns x 30 rows.
+-- The same by UTC day (a 30-day report in UTC reads campaigns x 30 rows), and by quarter
+-- hour (the pieces of hours that a local day of a +05:30 or +05:45 zone cuts in two).
 CREATE TABLE rollup_campaign_1d (LIKE rollup_campaign_1h INCLUDING ALL);
 CREATE TABLE conversion_rollup_campaign_1d (LIKE conversion_rollup_campaign_1h INCLUDING ALL);
+CREATE TABLE rollup_campaign_15m (LIKE rollup_campaign_1h INCLUDING ALL);
+CREATE TABLE conversion_rollup_campaign_15m (LIKE conversion_rollup_campaign_1h INCLUDING ALL);
 
 -- What a statement changed in a 15-minute table, from its transition tables (new_rows: rows
 -- as they are now, old_rows: as they were; an insert has only the first, a delete only the
@@ -66,7 +68,8 @@ $$;
 
 CREATE FUNCTION tracker_grain(grain text) RETURNS interval
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE grain WHEN '1h' THEN interval '1 hour' WHEN '1d' THEN interval '1 day' END
+    SELECT CASE grain WHEN '15m' THEN interval '15 minutes' WHEN '1h' THEN interval '1 hour'
+                      WHEN '1d' THEN interval '1 day' END
 $$;
 
 CREATE FUNCTION tracker_fold_traffic_hourly() RETURNS trigger
@@ -74,7 +77,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     grain text;
 BEGIN
-    FOREACH grain IN ARRAY ARRAY['1h', '1d'] LOOP
+    FOREACH grain IN ARRAY ARRAY['15m', '1h', '1d'] LOOP
     EXECUTE format($sql$
         INSERT INTO %I AS h (bucket, campaign_id, impressions,
             bot_impressions, clicks, unique_clicks, bot_clicks, cost)
@@ -102,7 +105,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     grain text;
 BEGIN
-    FOREACH grain IN ARRAY ARRAY['1h', '1d'] LOOP
+    FOREACH grain IN ARRAY ARRAY['15m', '1h', '1d'] LOOP
     EXECUTE format($sql$
         INSERT INTO %I AS h (basis, bucket, campaign_id,
             conversions, revenue, pending_conversions, pending_revenue, cost)
@@ -129,7 +132,8 @@ $$;
 CREATE FUNCTION tracker_truncate_hourly() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('TRUNCATE %I, %I', TG_ARGV[0] || '_1h', TG_ARGV[0] || '_1d');
+    EXECUTE format('TRUNCATE %I, %I, %I', TG_ARGV[0] || '_15m', TG_ARGV[0] || '_1h',
+                   TG_ARGV[0] || '_1d');
     RETURN NULL;
 END
 $$;
@@ -183,3 +187,13 @@ SELECT basis, date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), c
        sum(conversions), sum(revenue), sum(pending_conversions), sum(pending_revenue),
        sum(cost)
 FROM conversion_rollup_campaign_1h GROUP BY 1, 2, 3;
+INSERT INTO rollup_campaign_15m (bucket, campaign_id, impressions, bot_impressions, clicks,
+                                 unique_clicks, bot_clicks, cost)
+SELECT bucket, campaign_id, sum(impressions), sum(bot_impressions), sum(clicks),
+       sum(unique_clicks), sum(bot_clicks), sum(cost)
+FROM rollup_15m GROUP BY 1, 2;
+INSERT INTO conversion_rollup_campaign_15m (basis, bucket, campaign_id, conversions, revenue,
+                                            pending_conversions, pending_revenue, cost)
+SELECT basis, bucket, campaign_id, sum(conversions), sum(revenue), sum(pending_conversions),
+       sum(pending_revenue), sum(cost)
+FROM conversion_rollup_15m GROUP BY 1, 2, 3;

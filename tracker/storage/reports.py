@@ -1,17 +1,17 @@
-"""Reports over the rollups: the daily or hourly ones by campaign alone when the report
-needs no other dimension, else the 15-minute ones by every dimension
+"""Reports over the rollups: by campaign alone (quarter hours, hours, days) when the report
+needs no other dimension, else by every dimension (15-minute buckets)
 (sql/006_campaign_rollups.sql).
 
-Local days and hours are cut at the rollup's bucket starts, which is exact in every IANA zone
-for 15-minute buckets: every offset (+03:30 Tehran, +05:45 Kathmandu, -03:30 St John's) is a
-whole number of 15-minute steps. Hourly buckets are exact only where the zone's offset is a
-whole number of hours and daily ones only for UTC's own days, so they are read only there.
-Hours are keyed by their UTC instant, so the hour a DST change repeats stays two rows.
+Local days and hours are cut at bucket starts. 15-minute buckets are exact in every IANA zone:
+every offset (+03:30 Tehran, +05:45 Kathmandu, -03:30 St John's) is a whole number of
+15-minute steps. A report by campaign and local day reads the UTC days it covers from the
+daily rows, and the hours (or quarter hours, where a local day cuts an hour) at its ends and
+wherever a local date differs from the UTC date. Hours are keyed by their UTC instant, so the
+hour a DST change repeats stays two rows.
 """
-
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -55,70 +55,28 @@ FINE_EVENTS = EVENTS.format(
     dims="bucket, campaign_id, pub, sub1, sub2, sub3, sub4, sub5, country, device",
     no_event="NULL::text AS event,", event="event,", traffic="rollup_15m",
     conversions="conversion_rollup_15m")
-CAMPAIGN_EVENTS = {grain: EVENTS.format(dims="bucket, campaign_id", no_event="", event="",
-                                         traffic=f"rollup_campaign_{grain}",
-                                         conversions=f"conversion_rollup_campaign_{grain}")
-                   for grain in ("1h", "1d")}
+HOURLY_EVENTS = EVENTS.format(dims="bucket, campaign_id", no_event="", event="",
+                              traffic="rollup_campaign_1h",
+                              conversions="conversion_rollup_campaign_1h")
 
-# Local days from daily rows where whole UTC days allow (sql/006_campaign_rollups.sql): a
-# range of whole hours in a zone of whole-hour offsets is its UTC days [d1, d2) from the
-# daily rows, each counted on its UTC date, plus the hourly rows of the partial UTC days at
-# its ends; grouped by local day, the hours of [d1, d2) whose local date is not their UTC
-# date are moved from the one to the other (subtracted, added). Istanbul's 30 days read
-# 6,000 daily rows and ~40,000 hourly ones instead of 144,000 hourly ones.
+# Reports by campaign and local day, from signed pieces of the campaign rollups keyed by a
+# day: the daily rows of the UTC days [d1, d2) the range covers, each on its UTC date; the
+# hours and quarter hours of the range outside them, on their local date; and, grouped by
+# day, the hours and quarters of [d1, d2) whose local date is not their UTC date, taken off
+# the one (-) and put on the other. Istanbul's 30 days read 6,000 daily rows and ~40,000
+# hourly ones; the 15-minute rollups held 10 million.
 UTC_DAY = "(bucket AT TIME ZONE 'UTC')::date"
 LOCAL_DAY = "(bucket AT TIME ZONE $3)::date"
-TRAFFIC = "{s}impressions, {s}clicks, {s}unique_clicks, {s}bot_clicks, {s}cost, 0::bigint, " \
-          "0::numeric, 0::bigint, 0::numeric"
-CONVERSIONS = "0::bigint, 0::bigint, 0::bigint, 0::bigint, {s}cost, {s}conversions, " \
-              "{s}revenue, {s}pending_conversions, {s}pending_revenue"
+TRAFFIC = ("{s}impressions", "{s}clicks", "{s}unique_clicks", "{s}bot_clicks", "{s}cost",
+           "0::bigint", "0::numeric", "0::bigint", "0::numeric")
+CONVERSIONS = ("0::bigint", "0::bigint", "0::bigint", "0::bigint", "{s}cost", "{s}conversions",
+               "{s}revenue", "{s}pending_conversions", "{s}pending_revenue")
 NAMES = ("impressions", "clicks", "unique_clicks", "bot_clicks", "cost", "conversions",
          "revenue", "pending_conversions", "pending_revenue")
-
-
-def _part(grain: str, day: str, sign: str, condition: str) -> str:
-    """Traffic and conversions of one campaign rollup, signed, keyed by a day."""
-    traffic = TRAFFIC.format(s=sign).split(", ")
-    names = ", ".join(f"{v} AS {n}" for v, n in zip(traffic, NAMES))
-    return (f"SELECT campaign_id, {day} AS local_day, {names} "
-            f"FROM rollup_campaign_{grain} WHERE {condition} UNION ALL "
-            f"SELECT campaign_id, {day}, {CONVERSIONS.format(s=sign)} "
-            f"FROM conversion_rollup_campaign_{grain} WHERE basis = $4 AND {condition}")
-
-
-def _moved_hours(tz: str, d1: datetime, d2: datetime) -> list[datetime]:
-    """The UTC hours of [d1, d2) whose date in `tz` is not their UTC date."""
-    zone = ZoneInfo(tz)
-    hours = []
-    when = d1
-    while when < d2:
-        if when.astimezone(zone).date() != when.date():
-            hours.append(when)
-        when += HOUR
-    return hours
-
-
-def _days_and_hours(query: ReportQuery, params: list[Any]) -> str | None:
-    """The events of `query` from daily rows and the hourly ones around them, or None when
-    the range holds no whole UTC day."""
-    d1 = EPOCH + -((EPOCH - query.start) // DAY) * DAY
-    d2 = EPOCH + ((query.end - EPOCH) // DAY) * DAY
-    if d1 >= d2:
-        return None
-    params += [d1, d2]
-    lo, hi = f"${len(params) - 1}", f"${len(params)}"
-    parts = [_part("1d", UTC_DAY, "", f"bucket >= {lo} AND bucket < {hi}"),
-             _part("1h", LOCAL_DAY, "", f"(bucket >= $1 AND bucket < {lo} "
-                                        f"OR bucket >= {hi} AND bucket < $2)")]
-    if "day" in query.group_by:
-        params.append(_moved_hours(query.tz, d1, d2))
-        moved = f"bucket = ANY(${len(params)}::timestamptz[])"
-        parts += [_part("1h", UTC_DAY, "-", moved), _part("1h", LOCAL_DAY, "", moved)]
-    return "(" + " UNION ALL ".join(parts) + ") e LEFT JOIN campaigns k ON k.id = e.campaign_id"
-
-
-# What the campaign rollups can answer: they know the campaign and the time, nothing else.
-CAMPAIGN_GROUPS = frozenset(["campaign", "day", "hour"])
+DAY_GROUPS = frozenset(["campaign", "day"])
+# What the hourly rollups can answer (hours of whole-hour zones): campaign and time.
+HOURLY_GROUPS = frozenset(["campaign", "day", "hour"])
+QUARTER = timedelta(minutes=15)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -144,34 +102,105 @@ def _on_step(when: datetime, step: timedelta) -> bool:
     return (when - EPOCH) % step == timedelta(0)
 
 
-def _offsets(tz: str, start: datetime, end: datetime, step: timedelta) -> bool:
-    """Whether `tz`'s offset from UTC is a whole number of `step`s all through [start, end]."""
+def _floor(when: datetime, step: timedelta) -> datetime:
+    return EPOCH + ((when - EPOCH) // step) * step
+
+
+def _whole_hour_offsets(tz: str, start: datetime, end: datetime) -> bool:
+    """Whether `tz` is a whole number of hours from UTC all through [start, end]."""
     zone = ZoneInfo(tz)
     when = start
     while True:
         offset = when.astimezone(zone).utcoffset()
-        if offset is None or offset % step:
+        if offset is None or offset % HOUR:
             return False
         if when >= end:
             return True
         when = min(when + OFFSET_SAMPLE, end)
 
 
-def campaign_grain(query: ReportQuery) -> str | None:
-    """The campaign rollup ("1d" or "1h") that answers `query` exactly, None when only the
-    15-minute rollups can: no dimension but campaign and time, a range of whole UTC days or
-    hours, and local days (and hours) that start on the buckets' UTC boundaries."""
-    if query.pub is not None or not CAMPAIGN_GROUPS.issuperset(query.group_by):
-        return None
-    local = {"day", "hour"}.intersection(query.group_by)
-    for grain, step in (("1d", DAY), ("1h", HOUR)):
-        if grain == "1d" and "hour" in local:
+def hourly(query: ReportQuery) -> bool:
+    """Whether the hourly rollups by campaign answer `query` exactly: no dimension but
+    campaign and time, whole UTC hours, and a zone whose hours start on UTC hours."""
+    return (query.pub is None and HOURLY_GROUPS.issuperset(query.group_by)
+            and _on_step(query.start, HOUR) and _on_step(query.end, HOUR)
+            and _whole_hour_offsets(query.tz, query.start, query.end))
+
+
+@dataclass
+class Pieces:
+    """Which campaign rollup rows make up a report by campaign and local day."""
+
+    days: tuple[datetime, datetime] | None = None  # [d1, d2) of the daily rows
+    # grain ("1h", "15m") → buckets counted on their local date
+    edges: dict[str, list[datetime]] = field(default_factory=lambda: {"1h": [], "15m": []})
+    # grain → buckets of [d1, d2) moved from their UTC date to their local date
+    moved: dict[str, list[datetime]] = field(default_factory=lambda: {"1h": [], "15m": []})
+
+
+def pieces(query: ReportQuery) -> Pieces:
+    by_day = "day" in query.group_by
+    zone = ZoneInfo(query.tz)
+    found = Pieces()
+    d1, d2 = _floor(query.start, DAY), _floor(query.end, DAY)
+    if d1 < query.start:
+        d1 += DAY
+    if d1 < d2:
+        found.days = (d1, d2)
+    hour = _floor(query.start, HOUR)
+    while hour < query.end:
+        if found.days and d1 <= hour < d2:
+            if not by_day:  # the daily rows are the whole of it
+                hour = d2
+                continue
+            dates = [(hour + i * QUARTER).astimezone(zone).date() for i in range(4)]
+            if dates[0] != hour.date() and dates[3] == dates[0]:
+                found.moved["1h"].append(hour)
+            else:
+                found.moved["15m"] += [hour + i * QUARTER for i in range(4)
+                                       if dates[i] != hour.date()]
+            hour += HOUR
             continue
-        if not (_on_step(query.start, step) and _on_step(query.end, step)):
-            continue
-        if not local or _offsets(query.tz, query.start, query.end, step):
-            return grain
-    return None
+        quarters = [q for q in (hour + i * QUARTER for i in range(4))
+                    if query.start <= q < query.end]
+        if len(quarters) == 4 and (not by_day or len({q.astimezone(zone).date()
+                                                       for q in quarters}) == 1):
+            found.edges["1h"].append(hour)
+        else:
+            found.edges["15m"] += quarters
+        hour += HOUR
+    return found
+
+
+def _part(grain: str, day: str, sign: str, condition: str) -> str:
+    """Traffic and conversions of one campaign rollup, signed, keyed by a day (within the
+    report's range, $1 and $2, as every piece is)."""
+    condition = f"bucket >= $1 AND bucket < $2 AND {condition}"
+    names = ", ".join(f"{v.format(s=sign)} AS {n}" for v, n in zip(TRAFFIC, NAMES))
+    conversions = ", ".join(v.format(s=sign) for v in CONVERSIONS)
+    return (f"SELECT campaign_id, {day} AS day, {names} "
+            f"FROM rollup_campaign_{grain} WHERE {condition} UNION ALL "
+            f"SELECT campaign_id, {day}, {conversions} "
+            f"FROM conversion_rollup_campaign_{grain} WHERE basis = $4 AND {condition}")
+
+
+def _pieces_events(found: Pieces, params: list[Any]) -> str:
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    parts = []
+    if found.days is not None:
+        parts.append(_part("1d", UTC_DAY, "",
+                           f"bucket >= {param(found.days[0])} AND bucket < {param(found.days[1])}"))
+    for grain in ("1h", "15m"):
+        if found.edges[grain]:
+            parts.append(_part(grain, LOCAL_DAY, "",
+                               f"bucket = ANY({param(found.edges[grain])}::timestamptz[])"))
+        if found.moved[grain]:
+            moved = f"bucket = ANY({param(found.moved[grain])}::timestamptz[])"
+            parts += [_part(grain, UTC_DAY, "-", moved), _part(grain, LOCAL_DAY, "", moved)]
+    return "(" + " UNION ALL ".join(parts) + ") e LEFT JOIN campaigns k ON k.id = e.campaign_id"
 
 
 def build(query: ReportQuery) -> tuple[str, list[Any]]:
@@ -184,13 +213,14 @@ def build(query: ReportQuery) -> tuple[str, list[Any]]:
     if query.pub is not None:
         params.append(query.pub)
         where.append(f"e.pub = ${len(params)}")
-    grain = campaign_grain(query)
-    events = FINE_EVENTS if grain is None else CAMPAIGN_EVENTS[grain]
     groups = GROUPS | {"campaign": "e.campaign_id"}
-    if grain == "1h" and "hour" not in query.group_by:
-        mixed = _days_and_hours(query, params)
-        if mixed is not None:
-            events, groups = mixed, groups | {"day": "e.local_day"}
+    if query.pub is None and DAY_GROUPS.issuperset(query.group_by):
+        events = _pieces_events(pieces(query), params)
+        groups |= {"day": "e.day"}
+    elif hourly(query):
+        events = HOURLY_EVENTS
+    else:
+        events = FINE_EVENTS
     keys = [f"{groups[g]} AS {g}" for g in query.group_by]
     select = ", ".join(keys + [SUMS])
     sql = f"SELECT {select} FROM {events} WHERE {' AND '.join(where)}"
