@@ -275,13 +275,16 @@ async def run(args: argparse.Namespace) -> int:
             # The figure: reports by campaign and time, as a dashboard shows them (the
             # campaign rollups). Then drill-downs by other dimensions, which read the
             # 15-minute rollups: for one campaign (the biggest, and a middling one).
+            istanbul = window.replace("tz=UTC", "tz=Europe/Istanbul")
             queries = {
                 "group_by=campaign": f"{window}&group_by=campaign",
                 "group_by=day": f"{window}&group_by=day",
                 "group_by=campaign,day": f"{window}&group_by=campaign,day",
                 "group_by=day&campaign=bench-1": f"{window}&group_by=day&campaign=bench-1",
-                "group_by=day, tz=Europe/Istanbul": window.replace("tz=UTC", "tz=Europe/Istanbul")
-                + "&group_by=day",
+                "group_by=day, tz=Europe/Istanbul": istanbul + "&group_by=day",
+                "group_by=campaign, tz=Europe/Istanbul": istanbul + "&group_by=campaign",
+                "group_by=day, tz=Asia/Kolkata (+05:30)":
+                    window.replace("tz=UTC", "tz=Asia/Kolkata") + "&group_by=day",
             }
             drills = {
                 "group_by=pub&campaign=bench-1": f"{window}&group_by=pub&campaign=bench-1",
