@@ -66,64 +66,108 @@ LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
-CREATE FUNCTION tracker_grain(grain text) RETURNS interval
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE grain WHEN '15m' THEN interval '15 minutes' WHEN '1h' THEN interval '1 hour'
-                      WHEN '1d' THEN interval '1 day' END
-$$;
-
+-- One statement per call: the transition tables are read once, summed by quarter hour and
+-- campaign (q), and each grain is upserted from q. Every writer runs the same statement, so
+-- the three tables are locked in one order, each table's rows in key order.
 CREATE FUNCTION tracker_fold_traffic_hourly() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    grain text;
 BEGIN
-    FOREACH grain IN ARRAY ARRAY['15m', '1h', '1d'] LOOP
     EXECUTE format($sql$
-        INSERT INTO %I AS h (bucket, campaign_id, impressions,
-            bot_impressions, clicks, unique_clicks, bot_clicks, cost)
-        SELECT date_bin(%L, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), campaign_id,
-               sum(sign * impressions), sum(sign * bot_impressions), sum(sign * clicks),
-               sum(sign * unique_clicks), sum(sign * bot_clicks), sum(sign * cost)
-        FROM (%s) d
-        GROUP BY 1, 2
-        ORDER BY 1, 2
-        ON CONFLICT (bucket, campaign_id) DO UPDATE SET
-            impressions = h.impressions + excluded.impressions,
-            bot_impressions = h.bot_impressions + excluded.bot_impressions,
-            clicks = h.clicks + excluded.clicks,
-            unique_clicks = h.unique_clicks + excluded.unique_clicks,
-            bot_clicks = h.bot_clicks + excluded.bot_clicks,
-            cost = h.cost + excluded.cost
-        $sql$, 'rollup_campaign_' || grain, tracker_grain(grain), tracker_changed_rows(TG_OP));
-    END LOOP;
+        WITH q AS (
+            SELECT bucket, campaign_id, sum(sign * impressions) AS impressions,
+                   sum(sign * bot_impressions) AS bot_impressions, sum(sign * clicks) AS clicks,
+                   sum(sign * unique_clicks) AS unique_clicks,
+                   sum(sign * bot_clicks) AS bot_clicks, sum(sign * cost) AS cost
+            FROM (%s) d GROUP BY 1, 2
+        ), quarters AS (
+            INSERT INTO rollup_campaign_15m AS h (bucket, campaign_id, impressions, bot_impressions, clicks, unique_clicks, bot_clicks, cost)
+            SELECT date_bin('15 minutes', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), campaign_id,
+                   sum(impressions), sum(bot_impressions), sum(clicks), sum(unique_clicks), sum(bot_clicks), sum(cost)
+            FROM q GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (bucket, campaign_id) DO UPDATE SET
+                impressions = h.impressions + excluded.impressions,
+                bot_impressions = h.bot_impressions + excluded.bot_impressions,
+                clicks = h.clicks + excluded.clicks,
+                unique_clicks = h.unique_clicks + excluded.unique_clicks,
+                bot_clicks = h.bot_clicks + excluded.bot_clicks,
+                cost = h.cost + excluded.cost
+            RETURNING 1
+        ), hours AS (
+            INSERT INTO rollup_campaign_1h AS h (bucket, campaign_id, impressions, bot_impressions, clicks, unique_clicks, bot_clicks, cost)
+            SELECT date_bin('1 hour', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), campaign_id,
+                   sum(impressions), sum(bot_impressions), sum(clicks), sum(unique_clicks), sum(bot_clicks), sum(cost)
+            FROM q GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (bucket, campaign_id) DO UPDATE SET
+                impressions = h.impressions + excluded.impressions,
+                bot_impressions = h.bot_impressions + excluded.bot_impressions,
+                clicks = h.clicks + excluded.clicks,
+                unique_clicks = h.unique_clicks + excluded.unique_clicks,
+                bot_clicks = h.bot_clicks + excluded.bot_clicks,
+                cost = h.cost + excluded.cost
+            RETURNING 1
+        )
+        INSERT INTO rollup_campaign_1d AS h (bucket, campaign_id, impressions, bot_impressions, clicks, unique_clicks, bot_clicks, cost)
+            SELECT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), campaign_id,
+                   sum(impressions), sum(bot_impressions), sum(clicks), sum(unique_clicks), sum(bot_clicks), sum(cost)
+            FROM q GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (bucket, campaign_id) DO UPDATE SET
+                impressions = h.impressions + excluded.impressions,
+                bot_impressions = h.bot_impressions + excluded.bot_impressions,
+                clicks = h.clicks + excluded.clicks,
+                unique_clicks = h.unique_clicks + excluded.unique_clicks,
+                bot_clicks = h.bot_clicks + excluded.bot_clicks,
+                cost = h.cost + excluded.cost
+        $sql$, tracker_changed_rows(TG_OP));
     RETURN NULL;
 END
 $$;
 
 CREATE FUNCTION tracker_fold_conversions_hourly() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    grain text;
 BEGIN
-    FOREACH grain IN ARRAY ARRAY['15m', '1h', '1d'] LOOP
     EXECUTE format($sql$
-        INSERT INTO %I AS h (basis, bucket, campaign_id,
-            conversions, revenue, pending_conversions, pending_revenue, cost)
-        SELECT basis, date_bin(%L, bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-               campaign_id, sum(sign * conversions), sum(sign * revenue),
-               sum(sign * pending_conversions), sum(sign * pending_revenue), sum(sign * cost)
-        FROM (%s) d
-        GROUP BY 1, 2, 3
-        ORDER BY 1, 2, 3
-        ON CONFLICT (basis, bucket, campaign_id) DO UPDATE SET
-            conversions = h.conversions + excluded.conversions,
-            revenue = h.revenue + excluded.revenue,
-            pending_conversions = h.pending_conversions + excluded.pending_conversions,
-            pending_revenue = h.pending_revenue + excluded.pending_revenue,
-            cost = h.cost + excluded.cost
-        $sql$, 'conversion_rollup_campaign_' || grain, tracker_grain(grain),
-               tracker_changed_rows(TG_OP));
-    END LOOP;
+        WITH q AS (
+            SELECT basis, bucket, campaign_id, sum(sign * conversions) AS conversions,
+                   sum(sign * revenue) AS revenue,
+                   sum(sign * pending_conversions) AS pending_conversions,
+                   sum(sign * pending_revenue) AS pending_revenue, sum(sign * cost) AS cost
+            FROM (%s) d GROUP BY 1, 2, 3
+        ), quarters AS (
+            INSERT INTO conversion_rollup_campaign_15m AS h (basis, bucket, campaign_id, conversions, revenue, pending_conversions, pending_revenue, cost)
+            SELECT basis, date_bin('15 minutes', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+                   campaign_id, sum(conversions), sum(revenue), sum(pending_conversions), sum(pending_revenue), sum(cost)
+            FROM q GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (basis, bucket, campaign_id) DO UPDATE SET
+                conversions = h.conversions + excluded.conversions,
+                revenue = h.revenue + excluded.revenue,
+                pending_conversions = h.pending_conversions + excluded.pending_conversions,
+                pending_revenue = h.pending_revenue + excluded.pending_revenue,
+                cost = h.cost + excluded.cost
+            RETURNING 1
+        ), hours AS (
+            INSERT INTO conversion_rollup_campaign_1h AS h (basis, bucket, campaign_id, conversions, revenue, pending_conversions, pending_revenue, cost)
+            SELECT basis, date_bin('1 hour', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+                   campaign_id, sum(conversions), sum(revenue), sum(pending_conversions), sum(pending_revenue), sum(cost)
+            FROM q GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (basis, bucket, campaign_id) DO UPDATE SET
+                conversions = h.conversions + excluded.conversions,
+                revenue = h.revenue + excluded.revenue,
+                pending_conversions = h.pending_conversions + excluded.pending_conversions,
+                pending_revenue = h.pending_revenue + excluded.pending_revenue,
+                cost = h.cost + excluded.cost
+            RETURNING 1
+        )
+        INSERT INTO conversion_rollup_campaign_1d AS h (basis, bucket, campaign_id, conversions, revenue, pending_conversions, pending_revenue, cost)
+            SELECT basis, date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+                   campaign_id, sum(conversions), sum(revenue), sum(pending_conversions), sum(pending_revenue), sum(cost)
+            FROM q GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (basis, bucket, campaign_id) DO UPDATE SET
+                conversions = h.conversions + excluded.conversions,
+                revenue = h.revenue + excluded.revenue,
+                pending_conversions = h.pending_conversions + excluded.pending_conversions,
+                pending_revenue = h.pending_revenue + excluded.pending_revenue,
+                cost = h.cost + excluded.cost
+        $sql$, tracker_changed_rows(TG_OP));
     RETURN NULL;
 END
 $$;
