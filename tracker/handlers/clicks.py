@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -16,10 +17,15 @@ from .. import money
 from ..errors import ApiError, bad_request, not_found
 from ..ids import id_time, id_uuid, parse_id
 from ..ingest.params import TRACKING_PARAMS
-from ..keys import BUFFER, PG
+from ..keys import BUFFER, PG, SETTINGS
 from ..storage import clicks as store
 from .common import json_response
 from .conversions import of_click
+
+# A click's read-your-writes copy lives in Redis at most TRACKER_CLICK_CACHE_TTL after the
+# time in its id (plus this, for clocks): an older click is asked of PostgreSQL alone, and of
+# Redis only when PostgreSQL does not have it.
+COPY_MARGIN = timedelta(minutes=5)
 
 FIELDS = ("campaign_id", "campaign", *TRACKING_PARAMS, "country", "device", "ip",
           "is_unique", "is_bot", "destination")
@@ -51,12 +57,22 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
     # Redis's copy (a click not yet in PostgreSQL), PostgreSQL's row and the conversions are
     # asked for at once: a lookup waits for the slowest round trip, not for their sum. The
     # row is read even when Redis has the click (one wasted index probe for a recent click).
+    fresh = datetime.now(UTC) - when <= timedelta(
+        seconds=app[SETTINGS].click_cache_ttl) + COPY_MARGIN
     conversions = (asyncio.ensure_future(of_click(app, click_id)) if with_conversions
                    else None)
     try:
-        recent, row = await asyncio.gather(_recent(app, click_id),
-                                           store.get(app[PG], id_uuid(ulid), when),
-                                           return_exceptions=True)
+        recent: dict[str, Any] | None | BaseException
+        row: asyncpg.Record | None | BaseException
+        if fresh:
+            recent, row = await asyncio.gather(_recent(app, click_id),
+                                               store.get(app[PG], id_uuid(ulid), when),
+                                               return_exceptions=True)
+        else:
+            recent, row = None, await store.get(app[PG], id_uuid(ulid), when)
+            if row is None:
+                # Still waiting in the spool, or Redis away: a 503, not a wrong 404.
+                recent = await _recent(app, click_id)
         if isinstance(recent, dict):
             body = _view(click_id, when, recent)
         else:
