@@ -176,9 +176,12 @@ end
 """
 
 
-def wrk_latency(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
+def wrk_latency(url: str, script: Path | None, seconds: int, connections: int
+                ) -> dict[str, float]:
+    """wrk's figures for `url` (paths from `script` when given)."""
+    more = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *more, url],
         capture_output=True, text=True, check=True).stdout
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
@@ -268,7 +271,12 @@ async def run(args: argparse.Namespace) -> int:
             script = data / "lookups.lua"
             script.write_text(WRK_SCRIPT % (paths, TOKEN))
             wrk_latency(f"{base}/", script, 2, 2)  # warm-up: pools, caches, plans
-            lookups = {c: wrk_latency(f"{base}/", script, args.seconds, c) for c in args.concurrency}
+            # Beside each, /healthz on the same workers at the same concurrency: what this
+            # machine's moment allows an aiohttp answer that does no I/O at all.
+            lookups, floor = {}, {}
+            for c in args.concurrency:
+                lookups[c] = wrk_latency(f"{base}/", script, args.seconds, c)
+                floor[c] = wrk_latency(f"{base}/healthz", None, args.seconds, c)
 
             today = datetime.now(UTC).date()
             window = f"from={today - timedelta(days=30)}&to={today - timedelta(days=1)}&tz=UTC"
@@ -311,10 +319,11 @@ async def run(args: argparse.Namespace) -> int:
     print(f"\nclick lookup GET /api/clicks/{{id}}, {len(ids)} random existing ids, "
           f"wrk -t1 {args.seconds} s (goal: p99 ≤ 2 ms); load average now {load} on "
           f"{os.cpu_count()} cores")
-    print(f"{'connections':>11} {'requests':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}")
+    print(f"{'connections':>11} {'requests':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>8}"
+          f"   /healthz beside it: {'p50 ms':>6} {'p99 ms':>6}")
     for c, r in lookups.items():
         print(f"{c:>11} {r['requests']:>9.0f} {r['rps']:>7.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
-              f"{r['errors']:>8.0f}")
+              f"{r['errors']:>8.0f}   {'':>20} {floor[c]['p50']:>6.2f} {floor[c]['p99']:>6.2f}")
     print(f"\n30-day report GET /api/reports ({window}), one at a time, {args.report_runs} runs "
           f"each (goal: ≤ 100 ms)")
     print(f"{'report':<42} {'rows':>6} {'clicks':>9} {'p50 ms':>7} {'p99 ms':>7} {'non-200':>7}")
