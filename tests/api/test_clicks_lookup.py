@@ -70,3 +70,35 @@ async def test_lookup_is_exact_for_many_clicks(service: Running, pg: asyncpg.Con
     for i, click_id in enumerate(ids):
         status, body = await service.api("GET", f"/api/clicks/{click_id}")
         assert status == 200 and body["sub2"] == str(i)
+
+
+async def test_a_click_older_than_its_redis_copy_is_read_from_postgresql(
+        quiet_service: Running) -> None:
+    """Past TRACKER_CLICK_CACHE_TTL the lookup asks PostgreSQL alone (no Redis round trip):
+    it must still find every field, and an id PostgreSQL lacks is still a 404."""
+    from datetime import UTC, datetime, timedelta
+
+    import orjson
+
+    from tracker.ids import new_id
+
+    s = quiet_service
+    c = await s.create_campaign(slug="old")
+    when = datetime.now(UTC) - timedelta(days=1)
+    click_id = str(new_id(int(when.timestamp() * 1000)))
+    event = {"type": "click", "id": click_id, "campaign_id": c["id"], "visitor_id": "v1",
+             "pub": "p9", "sub3": "s", "country": "TR", "device": "mobile", "ip": "203.0.113.0",
+             "is_unique": True, "is_bot": False, "destination": "https://shop.example/",
+             "cost": "0.25"}
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    await redis.xadd(f"{s.settings.redis_prefix}events", {"e": orjson.dumps(event)})
+    await redis.aclose()
+    await flush(s)
+    status, body = await s.api("GET", f"/api/clicks/{click_id}")
+    assert status == 200, body
+    assert (body["campaign"], body["pub"], body["sub3"], body["country"], body["cost"]) == \
+        ("old", "p9", "s", "TR", "0.25")
+    assert body["time"].startswith(when.strftime("%Y-%m-%dT%H:%M")) and body["conversions"] == []
+    missing = str(new_id(int(when.timestamp() * 1000)))
+    status, body = await s.api("GET", f"/api/clicks/{missing}")
+    assert status == 404 and body["error"]["code"] == "unknown_click"
