@@ -68,6 +68,10 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
             recent, row = await asyncio.gather(_recent(app, click_id),
                                                store.get(app[PG], id_uuid(ulid), when),
                                                return_exceptions=True)
+            if recent is None and row is None:
+                # The writer deletes the copy only after the row's commit: a copy missing
+                # when Redis answered means a commit the row's read may have started before.
+                row = await store.get(app[PG], id_uuid(ulid), when)
         else:
             recent, row = None, await store.get(app[PG], id_uuid(ulid), when)
             if row is None:

@@ -1,6 +1,6 @@
 """Reports over the rollups: by campaign alone (quarter hours, hours, days) when the report
 needs no other dimension, else by every dimension (15-minute buckets)
-(sql/006_campaign_rollups.sql).
+(sql/007_campaign_rollups.sql).
 
 Local days and hours are cut at bucket starts. 15-minute buckets are exact in every IANA zone:
 every offset (+03:30 Tehran, +05:45 Kathmandu, -03:30 St John's) is a whole number of
