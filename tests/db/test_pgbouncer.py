@@ -20,12 +20,12 @@ import redis.asyncio as aioredis
 
 from tracker.settings import Settings
 from tracker.storage import db
-from tracker.storage.migrations import migrate, migration_files
 
 from ..api.test_postback import click_id_of, postback
 from ..api.test_reports import click, impression
 from ..conftest import eventually, flush, start
 from ..pgbouncer import PgBouncer
+from .test_schema import two_migrate_at_once
 from .test_writer import ROLLED, RECOUNT, add, counts, writer_for
 
 
@@ -99,14 +99,7 @@ async def test_two_instances_migrate_a_new_database_at_once_through_pgbouncer(
     admin = await db.connect(direct_backing[0])
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = pgbouncer.url(name)
-        first, second = await asyncio.gather(migrate(url), migrate(url))
-        names = [path.name for _, path in migration_files()]
-        assert sorted(first + second) == sorted(names)
-        conn = await db.connect(url)
-        assert [r["name"] for r in await conn.fetch(
-            "SELECT name FROM schema_migrations ORDER BY version")] == names
-        await conn.close()
+        await two_migrate_at_once(pgbouncer.url(name))
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

@@ -59,22 +59,12 @@ async def test_two_instances_migrating_a_new_database_at_once_apply_each_migrati
     """Every instance migrates on start: started together, one applies each migration, the
     other waits for it and finds it done (tests/db/test_pgbouncer.py: the same through
     PgBouncer)."""
-    import asyncio
-
-    from tracker.storage.migrations import migrate
-
     name = f"mig_{uuid.uuid4().hex[:8]}"
     admin = await db.connect(backing[0])
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _database(backing[0], name)
     try:
-        first, second = await asyncio.gather(migrate(url), migrate(url))
-        names = [path.name for _, path in migration_files()]
-        assert sorted(first + second) == sorted(names)
-        conn = await db.connect(url)
-        assert [r["name"] for r in await conn.fetch(
-            "SELECT name FROM schema_migrations ORDER BY version")] == names
-        await conn.close()
+        await two_migrate_at_once(url)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -124,3 +114,18 @@ async def test_retention_drops_old_raw_events_and_keeps_their_reports(
 
 def at(day: date, hour: int) -> datetime:
     return datetime.combine(day, time(hour), UTC)
+
+
+async def two_migrate_at_once(url: str) -> None:
+    """Two migrations of the database at `url` at once: each file applied once, by one."""
+    import asyncio
+
+    from tracker.storage.migrations import migrate
+
+    first, second = await asyncio.gather(migrate(url), migrate(url))
+    names = [path.name for _, path in migration_files()]
+    assert sorted(first + second) == sorted(names)
+    conn = await db.connect(url)
+    assert [r["name"] for r in await conn.fetch(
+        "SELECT name FROM schema_migrations ORDER BY version")] == names
+    await conn.close()
