@@ -91,7 +91,7 @@ async def test_a_click_older_than_its_redis_copy_is_read_from_postgresql(
              "is_unique": True, "is_bot": False, "destination": "https://shop.example/",
              "cost": "0.25"}
     redis = aioredis.Redis.from_url(s.settings.redis_url)
-    await redis.xadd(f"{s.settings.redis_prefix}events", {"e": orjson.dumps(event)})
+    await redis.xadd(keys_for(s.settings).stream, {"e": orjson.dumps(event)})
     await redis.aclose()
     await flush(s)
     status, body = await s.api("GET", f"/api/clicks/{click_id}")
