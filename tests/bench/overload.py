@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 
 from tracker.embedded import servers
 
-from .redirects import UA, free_port, wait_http
+from .redirects import UA, free_port, make_campaign, wait_http
 
 MB = 1024 * 1024
 
@@ -164,13 +164,7 @@ async def run(args: argparse.Namespace) -> int:
         pg_down = False
         try:
             await wait_http(f"{base}/healthz")
-            slug = f"over{uuid.uuid4().hex[:6]}"
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer o"},
-                                     json={"slug": slug, "cost_model": "cpc", "cost_value": "0.10",
-                                           "destination_url": "https://shop.example/lp?cid={click_id}"}) as r:
-                    assert r.status == 201, await r.text()
-                    campaign_id = (await r.json())["id"]
+            slug, campaign_id = await make_campaign(base, token="o")
             sampler = Sampler(psutil.Process(proc.pid), redis, stream, base)
             stop_sampling = asyncio.Event()
             sampling = asyncio.create_task(sampler.run(stop_sampling))

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from tracker.embedded import servers
 
-from .redirects import UA, free_port, wait_http, wrk
+from .redirects import UA, free_port, make_campaign, wait_http, wrk
 
 # wrk sends paths from a file in turn, each once (then it would repeat: a duplicate).
 ROUND_ROBIN = """
@@ -94,12 +94,7 @@ async def run(args: argparse.Namespace) -> None:
         pg = None
         try:
             await wait_http(f"{base}/healthz")
-            slug = f"pb{uuid.uuid4().hex[:6]}"
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer b"},
-                                     json={"slug": slug, "destination_url": "https://shop.example/?cid={click_id}"}) as r:
-                    assert r.status == 201, await r.text()
-                    campaign_id = (await r.json())["id"]
+            slug, campaign_id = await make_campaign(base)
             redirects = wrk(f"{base}/c/{slug}", args.seconds, args.connections)
             started = time.monotonic()
             clicks = await make_clicks(base, slug, args.clicks)

@@ -153,10 +153,11 @@ http {{
 """
 
 
-async def make_campaign(base: str) -> tuple[str, int]:
+async def make_campaign(base: str, token: str = "b") -> tuple[str, int]:
+    """(slug, id) of a new CPC campaign on the service at `base` (the benchmarks' shape)."""
     slug = f"bench{uuid.uuid4().hex[:6]}"
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/api/campaigns", headers={"Authorization": "Bearer b"},
+        async with http.post(f"{base}/api/campaigns", headers={"Authorization": f"Bearer {token}"},
                              json={"slug": slug, "cost_model": "cpc", "cost_value": "0.10",
                                    "destination_url": "https://shop.example/lp?cid={click_id}&s={sub1}"}) as r:
             assert r.status == 201, await r.text()
