@@ -229,9 +229,9 @@ async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
     runner, running = await start(settings.with_(proxy_hops=1))
     try:
         await running.create_campaign(slug="xff")
-        await running.click("xff", headers={"X-Forwarded-For": "10.9.9.9, 198.51.100.77"})
-        await running.click("xff", headers={"X-Forwarded-For": "2001:db8:1234:5678::1"})
-        await running.click("xff")  # no header: the peer
+        await running.click("xff", "sub1=a", headers={"X-Forwarded-For": "10.9.9.9, 198.51.100.77"})
+        await running.click("xff", "sub1=b", headers={"X-Forwarded-For": "2001:db8:1234:5678::1"})
+        await running.click("xff", "sub1=c")  # no header: the peer
 
         async def three() -> list[asyncpg.Record] | None:
             rows = await clicks_in_db(pg)
@@ -239,7 +239,9 @@ async def test_the_visitor_address_behind_trusted_proxies(settings: Settings,
 
         rows = await eventually(three)
         assert rows is not None
-        assert [str(r["ip"]) for r in rows] == ["198.51.100.0", "2001:db8:1234::", "127.0.0.0"]
+        # By sub id, not by ts: two clicks of one millisecond have the same ts.
+        assert {r["sub1"]: str(r["ip"]) for r in rows} == {
+            "a": "198.51.100.0", "b": "2001:db8:1234::", "c": "127.0.0.0"}
     finally:
         await running.close()
         await runner.cleanup()
