@@ -44,6 +44,8 @@ from .lease import Lease, gauges_key, instance_name
 from .middleware import observe
 from .outbound.deliverer import Deliverer
 from .redis_client import connect as connect_redis
+from .redis_pipe import RedisPipe
+from .redis_pipe import supports as supports_pipe
 from .redis_keys import keys_for
 from .settings import Settings
 from .storage import db
@@ -92,8 +94,10 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
 async def tracking(app: web.Application) -> AsyncIterator[None]:
     """The hot path's pieces: the Redis buffer, the spool behind it, the request tracker."""
     settings = app[SETTINGS]
+    url = settings.redis_url
+    pipe = RedisPipe(url, REDIS_WAIT_SECONDS) if supports_pipe(url) else None
     app[BUFFER] = buffer = EventBuffer(app[REDIS], app[REDIS_KEYS], settings.click_cache_ttl,
-                                       settings.unique_window)
+                                       settings.unique_window, pipe)
     countries = Countries(settings.geoip_db, settings.country_header)
     spool = Spool(settings.data_dir / "spool", buffer)
     app[TRACKER] = RequestTracker(buffer, spool, UserAgents(), countries, settings.proxy_hops)
@@ -101,6 +105,7 @@ async def tracking(app: web.Application) -> AsyncIterator[None]:
     yield
     await spool.stop()  # fsync'd and closed: a later start replays what it holds
     countries.close()
+    await buffer.close()
 
 
 async def campaign_cache(app: web.Application) -> AsyncIterator[None]:

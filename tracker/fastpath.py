@@ -41,10 +41,10 @@ import httptools
 from aiohttp import web
 
 from . import metrics
-from .errors import ApiError, error_body
+from .errors import ApiError
 from .handlers.postback import address_of, answer_postback
 from .handlers.postback import answer_pixel as answer_conversion_pixel
-from .handlers.tracking import Answer, Tracking, error_answer
+from .handlers.tracking import INTERNAL, Answer, Tracking, error_answer
 from .ingest.track import VISITOR_COOKIE
 from .ingest.visitor import Hit
 from .keys import SETTINGS, TRACKER
@@ -89,7 +89,7 @@ class _Request:
     """One request as the parser's callbacks collect it."""
 
     __slots__ = ("url_parts", "url_len", "headers", "forwarded", "method", "url",
-                 "keep_alive", "http10", "size", "route")
+                 "keep_alive", "http10", "size", "route", "started")
 
     def __init__(self) -> None:
         self.url_parts: list[bytes] = []
@@ -102,6 +102,7 @@ class _Request:
         self.http10 = False
         self.size = 0               # bytes of its head
         self.route = ""             # the route it is answered under (metrics' label)
+        self.started = 0.0          # when its answer began to be decided
 
 
 class _Refusal:
@@ -219,7 +220,7 @@ class FastServer:
 class FastProtocol(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "request", "queue", "held", "buffer", "start",
                  "head_end", "line", "reading", "escaping", "reparsed", "busy", "closing", "eof", "write_paused",
-                 "read_paused", "peer", "last_active")
+                 "read_paused", "peer", "last_active", "current", "_on_answer")
 
     def __init__(self, server: FastServer) -> None:
         self.server = server
@@ -244,6 +245,8 @@ class FastProtocol(asyncio.Protocol):
         self.read_paused = False
         self.peer = ""
         self.last_active = time.monotonic()
+        self.current: _Request | None = None  # the click or impression being decided
+        self._on_answer = self._answered      # bound once, handed to every decision
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -467,7 +470,20 @@ class FastProtocol(asyncio.Protocol):
                 self.read_paused = False
                 self.transport.resume_reading()
             self.busy = True
-            asyncio.get_running_loop().create_task(self._serve(item))
+            item.started = time.perf_counter()
+            route = item.route
+            if route is CLICK_ROUTE or route is PIXEL_ROUTE:
+                # Decided in callbacks, answered from the buffer's reply: no task per click.
+                self.current = item
+                tracking = self.server.tracking
+                try:
+                    (tracking.click if route is CLICK_ROUTE else tracking.pixel)(
+                        self._hit(item), self._on_answer)
+                except Exception:  # noqa: BLE001 - the visitor still gets an answer
+                    self.server.app.logger.exception("tracking request failed")
+                    self._answered(INTERNAL)
+            else:
+                asyncio.get_running_loop().create_task(self._serve(item))
         elif item is HAND_OVER:
             self._hand_over()
         else:
@@ -495,28 +511,31 @@ class FastProtocol(asyncio.Protocol):
 
     # -- answering ---------------------------------------------------------------------------
 
+    def _answered(self, answer: Answer) -> None:
+        """The answer to the click or impression being decided (once: a second is ignored)."""
+        request = self.current
+        if request is not None:
+            self.current = None
+            self._finish(request, answer)
+
     async def _serve(self, request: _Request) -> None:
-        started = time.perf_counter()
-        server = self.server
-        route = request.route
+        """A conversion by GET (its recording awaits PostgreSQL and Redis)."""
         try:
-            if route == CLICK_ROUTE:
-                answer = await server.tracking.click(self._hit(request))
-            elif route == PIXEL_ROUTE:
-                answer = await server.tracking.pixel(self._hit(request))
-            else:
-                answer = await self._answer_conversion(request)
+            answer = await self._answer_conversion(request)
         except Exception:  # noqa: BLE001 - the visitor still gets an answer
-            server.app.logger.exception("tracking request failed")
-            answer = Answer(500, [("Cache-Control", "no-store")],
-                            error_body(500, "internal", "internal error"), "application/json")
+            self.server.app.logger.exception("tracking request failed")
+            answer = INTERNAL
+        self._finish(request, answer)
+
+    def _finish(self, request: _Request, answer: Answer) -> None:
+        server = self.server
         # The last answer: asked to close, or stopping, or the client is done sending.
         last = not request.keep_alive or self.closing or (self.eof and not self.queue)
         method = request.method
         self._write(answer, not last, method == b"HEAD", request.http10)
-        requests, latency = server.series(route, method, answer.status)
+        requests, latency = server.series(request.route, method, answer.status)
         metrics.TALLY.inc(requests)
-        metrics.TALLY.observe(latency, time.perf_counter() - started)
+        metrics.TALLY.observe(latency, time.perf_counter() - request.started)
         self.busy = False
         self.last_active = time.monotonic()
         if last:

@@ -70,9 +70,21 @@ class Keys:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def click(self, click_id: str, shard: int | None = None) -> str:
-        """A click's copy, readable until its row is committed (read-your-writes)."""
-        return f"{self._tag(self.click_shard(click_id) if shard is None else shard)}click:{click_id}"
+    def copies(self, shard: int, click_id: str) -> str:
+        """The hash that holds a click's read-your-writes copy (field: the click id) until
+        its row is committed: one per shard and 1.024 s of click ids (the first 8
+        characters of a ULID are its millisecond's upper bits), so that the clicks of a tick
+        are copied by one HSET."""
+        return f"{self._tag(shard)}copies:{click_id[:8].upper()}"
+
+    def copy_of(self, click_id: str) -> tuple[str, str]:
+        """(hash, field) of a click's copy."""
+        return self.copies(self.click_shard(click_id), click_id), click_id.upper()
+
+    def backlog(self, shard: int) -> str:
+        """Events of the shard's stream not yet acknowledged (an entry holds several): added
+        to by the scripts that append, taken from by the writer's acknowledgement."""
+        return f"{self._tag(shard)}backlog"
 
     def unique(self, shard: int, campaign_id: int, visitor_id: str) -> str:
         return f"{self._tag(shard)}u:{campaign_id}:{visitor_id}"

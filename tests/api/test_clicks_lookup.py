@@ -35,13 +35,13 @@ async def test_a_click_is_found_the_moment_its_redirect_was_sent(
 
     # Once its row is committed, the writer drops the click's Redis copy (what Redis keeps of
     # a stored click is its uniqueness key alone), and PostgreSQL answers the same.
-    copy = keys_for(s.settings).click(click_id)
+    copy = keys_for(s.settings).copy_of(click_id)
     redis = aioredis.Redis.from_url(s.settings.redis_url)
     try:
-        assert await redis.exists(copy)
+        assert await redis.hexists(*copy)
         await flush(s)
         assert await pg.fetchval("SELECT count(*) FROM clicks") == 1
-        assert not await redis.exists(copy)
+        assert not await redis.hexists(*copy)
     finally:
         await redis.aclose()
     status, from_db = await s.api("GET", f"/api/clicks/{click_id}")

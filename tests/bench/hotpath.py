@@ -93,6 +93,9 @@ class StubBuffer:
         for future in queued:
             future.set_result(1)
 
+    def stamp(self, click_id: str, campaign_id: int, visitor_id: str) -> str:
+        return click_id  # one Redis: the id as made
+
     async def record_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> bool:
         orjson.dumps(event)  # the real one serialises the event
         return bool(await self._later())
@@ -200,10 +203,11 @@ async def tracker_app(redis_url: str) -> tuple[web.Application, Any]:
         import redis.asyncio as aioredis
 
         from tracker.ingest.buffer import EventBuffer, Keys
+        from tracker.redis_pipe import RedisPipe
 
         client = aioredis.Redis.from_url(redis_url)
         keys = Keys(f"hp{os.getpid()}:")
-        buffer: Any = EventBuffer(client, keys, 60, 60)
+        buffer: Any = EventBuffer(client, keys, 60, 60, RedisPipe(redis_url, 2.0))
 
         async def closer() -> None:
             await asyncio.sleep(0.5)  # the clicks still in flight when the count was reached

@@ -21,7 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tracker.ids import new_id
 from tracker.ingest.buffer import EventBuffer
+from tracker.ingest.entries import decoded
 from tracker.ingest.spool import REPLAY_CHUNK, Spool
 from tracker.redis_keys import keys_for
 from tracker.settings import Settings
@@ -80,7 +82,7 @@ async def stream_ids(settings: Settings) -> list[str]:
                    for entry in await redis.xrange(stream)]
     finally:
         await redis.aclose()
-    return [orjson.loads(fields[b"e"])["id"] for _, fields in entries]
+    return [event["id"] for _, fields in entries for event in decoded(fields)]
 
 
 @contextlib.asynccontextmanager
@@ -128,11 +130,12 @@ class FailingBuffer(EventBuffer):
         super().__init__(redis, keys_for(settings), click_ttl=60, unique_window=3600)
         self.allowed = allowed
 
-    async def record(self, event: dict[str, Any]) -> None:
+    async def record(self, impression_id: str, campaign_id: int, visitor_id: str,
+                     line: str) -> None:
         if self.allowed <= 0:
             raise RedisConnectionError("gone again")
         self.allowed -= 1
-        await super().record(event)
+        await super().record(impression_id, campaign_id, visitor_id, line)
 
 
 async def test_a_replay_cut_short_keeps_the_file_and_is_replayed_whole(settings: Settings,
@@ -174,13 +177,13 @@ async def test_fsync_runs_off_the_event_loop_and_stop_waits_for_it(
         spool = Spool(folder, buffer_of(away, settings))
         spool.start()
         try:
-            spool.append_event(impression(1, datetime.now(UTC)))
+            spool.append_impression(str(new_id()), 1, "v", "a line")
 
             async def is_syncing() -> bool:
                 return syncing.is_set()
 
             assert await eventually(is_syncing)
-            spool.append_event(impression(1, datetime.now(UTC)))  # while the first fsync runs
+            spool.append_impression(str(new_id()), 1, "v", "a line")  # while the first fsync runs
             stopping = asyncio.create_task(spool.stop())
             await asyncio.sleep(0.3)
             assert not stopping.done()  # it waits for the fsync under way...

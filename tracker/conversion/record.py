@@ -39,6 +39,7 @@ from ..ingest.buffer import EventBuffer
 from ..redis_keys import Keys
 from ..ingest.visitor import mask_ip
 from ..macros import fill
+from ..storage import lines
 from ..storage import clicks as click_store
 from ..storage import conversions as store
 from . import rules
@@ -117,7 +118,7 @@ class ConversionRecorder:
         states_key = self._keys.conversions(click_id)
         # One round trip for everything Redis may know.
         copy, (version_raw, event_raw), since = await asyncio.gather(
-            self._buffer.call("GET", self._keys.click(click_id)),
+            self._buffer.call("HGET", *self._keys.copy_of(click_id)),
             self._buffer.call("HMGET", states_key, f"v:{field}", f"e:{field}"),
             self._buffer.call("GET", self._keys.conversions_since(click_id)))
         click = await self._click(click_value, copy)
@@ -161,7 +162,8 @@ class ConversionRecorder:
                                               "source_net", "source")}
             done = await self._buffer.record_conversion(
                 [self._keys.click_stream(click_id), states_key,
-                 self._keys.conversions_since(click_id), self._keys.conversion(conv_id, click_id)],
+                 self._keys.conversions_since(click_id), self._keys.conversion(conv_id, click_id),
+                 self._keys.backlog(self._keys.click_shard(click_id))],
                 [field, seen, state.version, orjson.dumps(event), orjson.dumps(history),
                  self._ttl, now_ms, f"{click_id}\x1f{field}"])
             if done:
@@ -177,8 +179,7 @@ class ConversionRecorder:
 
     async def _click(self, click_value: int, copy: bytes | None) -> dict[str, Any]:
         if copy is not None:
-            data: dict[str, Any] = orjson.loads(copy)
-            return data
+            return lines.click_event(copy)
         ts = datetime.fromtimestamp((click_value >> 80) / 1000, UTC)
         row = await self._click_reads.get(UUID(int=click_value), ts)
         if row is None:

@@ -17,7 +17,7 @@ from .. import money
 from ..errors import ApiError, bad_request, not_found
 from ..ids import id_time, id_uuid, parse_id
 from ..ingest.params import TRACKING_PARAMS
-from ..keys import BUFFER, PG, SETTINGS
+from ..keys import BUFFER, CAMPAIGNS, PG, SETTINGS
 from ..storage import clicks as store
 from .common import json_response
 from .conversions import of_click
@@ -78,6 +78,9 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
                 # Still waiting in the spool, or Redis away: a 503, not a wrong 404.
                 recent = await _recent(app, click_id)
         if isinstance(recent, dict):
+            # The copy names its campaign by id, as the row does before its join.
+            campaign = await app[CAMPAIGNS].by_id(int(recent["campaign_id"]))
+            recent["campaign"] = campaign.slug if campaign is not None else None
             body = _view(click_id, when, recent)
         else:
             if isinstance(row, BaseException):

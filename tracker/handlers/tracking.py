@@ -7,8 +7,11 @@ turn it into a web.Response.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -16,7 +19,7 @@ from .. import metrics
 from ..campaigns import Campaign
 from ..errors import ApiError, error_body, not_found
 from ..ingest.params import read_params
-from ..ingest.track import LAST_CLICK_COOKIE, VISITOR_COOKIE
+from ..ingest.track import LAST_CLICK_COOKIE, VISITOR_COOKIE, Click
 from ..ingest.visitor import Hit
 from ..keys import CAMPAIGNS, SETTINGS, TRACKER
 from ..metrics import DropReason
@@ -49,6 +52,10 @@ def _cookie_attributes(secure: bool) -> str:
 
 
 PIXEL = Answer(200, [("Cache-Control", NO_STORE)], GIF, "image/gif")
+INTERNAL = Answer(500, [("Cache-Control", NO_STORE)], error_body(500, "internal", "internal error"),
+                  "application/json")
+# Where a decision goes: called once with the answer.
+Reply = Callable[[Answer], None]
 
 
 class Tracking:
@@ -56,7 +63,7 @@ class Tracking:
     the request tracker, the cookies' attributes) rather than once per request: the fast
     path keeps one for good."""
 
-    __slots__ = ("campaigns", "tracker", "logger", "visitor_tail", "last_click_tail")
+    __slots__ = ("campaigns", "tracker", "logger", "visitor_tail", "last_click_tail", "_tasks")
 
     def __init__(self, app: web.Application) -> None:
         self.campaigns = app[CAMPAIGNS]
@@ -67,26 +74,56 @@ class Tracking:
         # costs more than the rest of the response.
         self.visitor_tail = f"; Max-Age={YEAR}{attributes}"
         self.last_click_tail = f"; Max-Age={LAST_CLICK_AGE}{attributes}"
+        # The few lookups that wait for PostgreSQL or Redis (a campaign this worker has not
+        # loaded): kept until done.
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def click(self, hit: Hit) -> Answer:
-        campaign = self.campaigns.get(hit.slug) or await self.campaigns.find(hit.slug)
-        if campaign is None or campaign.status != "active":
-            return self._not_active(campaign)
+    def click(self, hit: Hit, answer: Reply) -> None:
+        """Decide the answer to a click; `answer` gets it, now or once the click is buffered
+        (no task per click: the fast path's requests are answered from the buffer's reply)."""
+        campaign = self.campaigns.get(hit.slug)
+        if campaign is None:
+            # Not in this worker's memory: a campaign made a moment ago, or none.
+            self._spawn(self._click_found(hit, answer))
+            return
+        self._click(hit, campaign, answer)
+
+    async def _click_found(self, hit: Hit, answer: Reply) -> None:
+        try:
+            campaign = await self.campaigns.find(hit.slug)
+        except Exception:  # noqa: BLE001 - the visitor still gets an answer
+            self.logger.exception("campaign lookup failed")
+            answer(INTERNAL)
+            return
+        if campaign is None:
+            answer(self._not_active(None))
+        else:
+            self._click(hit, campaign, answer)
+
+    def _click(self, hit: Hit, campaign: Campaign, answer: Reply) -> None:
+        if campaign.status != "active":
+            answer(self._not_active(campaign))
+            return
         try:
             params = read_params(hit.query)
         except ApiError as exc:
             metrics.dropped("click", DropReason.INVALID_PARAMS)
-            return error_answer(exc)
+            answer(error_answer(exc))
+            return
         if hit.method == "HEAD":
             # Link checkers and unfurlers probe with HEAD: same answer, nothing recorded.
-            return _redirect(self.tracker.location(campaign, params, "")[1])
-        result = await self.tracker.click(hit, campaign, params)
-        headers = [("Location", result.location), ("Cache-Control", NO_STORE),
-                   ("Set-Cookie", f"{VISITOR_COOKIE}={result.visitor_id}{self.visitor_tail}")]
-        if result.recorded:
-            headers.append(
-                ("Set-Cookie", f"{LAST_CLICK_COOKIE}={result.click_id}{self.last_click_tail}"))
-        return Answer(302, headers)
+            answer(_redirect(self.tracker.location(campaign, params, "")[1]))
+            return
+
+        def recorded(result: Click) -> None:
+            headers = [("Location", result.location), ("Cache-Control", NO_STORE),
+                       ("Set-Cookie", f"{VISITOR_COOKIE}={result.visitor_id}{self.visitor_tail}")]
+            if result.recorded:
+                headers.append(
+                    ("Set-Cookie", f"{LAST_CLICK_COOKIE}={result.click_id}{self.last_click_tail}"))
+            answer(Answer(302, headers))
+
+        self.tracker.click(hit, campaign, params, recorded)
 
     def _not_active(self, campaign: Campaign | None) -> Answer:
         if campaign is None:
@@ -103,32 +140,70 @@ class Tracking:
             return _redirect(campaign.fallback_url)
         return error_answer(not_found("this campaign is paused", code="campaign_paused"))
 
-    async def pixel(self, hit: Hit) -> Answer:
+    def pixel(self, hit: Hit, answer: Reply) -> None:
         """Always the GIF: a broken pixel must never break the page that carries it."""
         if hit.method == "HEAD":
-            return PIXEL
+            answer(PIXEL)
+            return
+        campaign = self.campaigns.get(hit.slug)
+        if campaign is None:
+            self._spawn(self._pixel_found(hit, answer))
+            return
+        self._pixel(hit, campaign, answer)
+
+    async def _pixel_found(self, hit: Hit, answer: Reply) -> None:
         try:
-            campaigns = self.campaigns
-            campaign = campaigns.get(hit.slug) or await campaigns.find(hit.slug)
-            if campaign is None:
-                metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN if campaigns.loaded
-                                else DropReason.NOT_READY)
-            else:
-                await self.tracker.impression(hit, campaign, read_params(hit.query))
+            campaign = await self.campaigns.find(hit.slug)
+        except Exception:  # noqa: BLE001 - counted; the GIF still goes out
+            metrics.dropped("impression", DropReason.INTERNAL_ERROR)
+            self.logger.exception("impression not recorded")
+            answer(PIXEL)
+            return
+        if campaign is None:
+            metrics.dropped("impression", DropReason.UNKNOWN_CAMPAIGN if self.campaigns.loaded
+                            else DropReason.NOT_READY)
+            answer(PIXEL)
+        else:
+            self._pixel(hit, campaign, answer)
+
+    def _pixel(self, hit: Hit, campaign: Campaign, answer: Reply) -> None:
+        try:
+            params = read_params(hit.query)
         except ApiError:
             metrics.dropped("impression", DropReason.INVALID_PARAMS)
+            answer(PIXEL)
+            return
+        try:
+            self.tracker.impression(hit, campaign, params, lambda: answer(PIXEL))
         except Exception:  # noqa: BLE001 - whatever failed is counted, the GIF still goes out
             metrics.dropped("impression", DropReason.INTERNAL_ERROR)
             self.logger.exception("impression not recorded")
-        return PIXEL
+            answer(PIXEL)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _answered(decide: Callable[[Hit, Reply], None], hit: Hit) -> Answer:
+    """One of Tracking's decisions, awaited (the aiohttp routes)."""
+    future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+
+    def answer(result: Answer) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    decide(hit, answer)
+    return await future
 
 
 async def answer_click(app: web.Application, hit: Hit) -> Answer:
-    return await Tracking(app).click(hit)
+    return await _answered(Tracking(app).click, hit)
 
 
 async def answer_pixel(app: web.Application, hit: Hit) -> Answer:
-    return await Tracking(app).pixel(hit)
+    return await _answered(Tracking(app).pixel, hit)
 
 
 # -- aiohttp routes ----------------------------------------------------------------------------

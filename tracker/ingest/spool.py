@@ -28,6 +28,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from .. import metrics
+from ..storage import rows
 from .buffer import EventBuffer
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,15 @@ class Spool:
 
     # -- writing (the hot path, when Redis failed) ---------------------------------------------
 
-    def append_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> None:
-        self._append({"kind": "click", "event": event, "visitor": visitor_id, "bot": is_bot})
+    def append_click(self, click_id: str, campaign_id: int, visitor_id: str, is_bot: bool,
+                     line: str) -> None:
+        self._append({"kind": "click", "id": click_id, "campaign_id": campaign_id,
+                      "visitor": visitor_id, "bot": is_bot, "line": line})
 
-    def append_event(self, event: dict[str, Any]) -> None:
-        self._append({"kind": "event", "event": event})
+    def append_impression(self, impression_id: str, campaign_id: int, visitor_id: str,
+                          line: str) -> None:
+        self._append({"kind": "impression", "id": impression_id, "campaign_id": campaign_id,
+                      "visitor": visitor_id, "line": line})
 
     def _append(self, record: dict[str, Any]) -> None:
         """Raises OSError when the disk refuses: then the event is lost, and counted."""
@@ -186,10 +191,36 @@ class Spool:
             os.close(fd)
 
     async def _replay_one(self, record: dict[str, Any]) -> None:
-        if record.get("kind") == "click":
-            await self._buffer.record_click(record["event"], record["visitor"], record["bot"])
+        if "line" not in record:
+            record = _from_json(record)
+            if not record:
+                return
+        if record["kind"] == "click":
+            await self._buffer.record_click(record["id"], record["campaign_id"],
+                                            record["visitor"], record["bot"], record["line"])
         else:
-            await self._buffer.record(record["event"])
+            await self._buffer.record(record["id"], record["campaign_id"], record["visitor"],
+                                      record["line"])
+
+
+def _from_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A record spooled before events were buffered as lines (a JSON event), as a line's
+    record; {} for one that could never be stored (the writer would have refused it)."""
+    event = record.get("event")
+    try:
+        if not isinstance(event, dict):
+            raise rows.BadEvent(f"not an event: {event!r:.80}")
+        if record.get("kind") == "click":
+            values = rows.click_row({**event, "is_unique": False}, copy=True)
+            return {"kind": "click", "id": event["id"], "campaign_id": event["campaign_id"],
+                    "visitor": record["visitor"], "bot": bool(record["bot"]),
+                    "line": "\t".join(values[:-1])}
+        return {"kind": "impression", "id": event["id"], "campaign_id": event["campaign_id"],
+                "visitor": event["visitor_id"],
+                "line": "\t".join(rows.impression_row(event, copy=True))}
+    except (rows.BadEvent, KeyError, TypeError) as exc:
+        log.error("a spooled event that can never be stored, skipped: %r", exc)
+        return {}
 
 
 def _fsync_own(fd: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -15,6 +17,7 @@ from ..metrics import DropReason
 from ..campaigns import Campaign
 from ..ids import new_id_text
 from ..macros import fill
+from ..storage.lines import click_line, impression_line
 from .buffer import EventBuffer
 from .spool import Spool
 from .visitor import MAX_REFERER, Countries, Hit, UserAgents, clean_header, visitor_of
@@ -75,62 +78,80 @@ class RequestTracker:
         values = dict(params, click_id=click_id, campaign=campaign.slug)
         return url, fill(template, values)
 
-    async def click(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> Click:
+    def click(self, hit: Hit, campaign: Campaign, params: dict[str, str],
+              done: Callable[[Click], None]) -> None:
+        """Record a click; `done` gets what to answer once the buffer took it (or the spool,
+        when Redis failed). Called back, not awaited: no task, no future per click."""
         visitor_id = self.visitor_id(hit)
         click_id = self._buffer.stamp(new_id_text(), campaign.id, visitor_id)
         _, location = self.location(campaign, params, click_id)
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
-        event = {
-            "type": "click", "id": click_id, "campaign_id": campaign.id, "campaign": campaign.slug,
-            "visitor_id": visitor_id, **params,
-            "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
-            "user_agent": visitor.user_agent,
-            "referer": clean_header(hit.referer, MAX_REFERER),
-            "is_bot": visitor.is_bot, "destination": location,
-            "cost": "0" if visitor.is_bot else campaign.click_cost,
-        }
-        try:
-            unique = await self._buffer.record_click(event, visitor_id, visitor.is_bot)
-        except RedisError as exc:
-            # The visitor still gets their redirect: our outage must not break their journey,
-            # nor lose the click: it waits in the local spool until Redis is back.
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            self._warn_redis_down(exc)
+        is_bot = visitor.is_bot
+        campaign_id = campaign.id
+        line = click_line(click_id, campaign_id, visitor_id, params, visitor.ip, visitor.country,
+                          visitor.device, visitor.user_agent,
+                          clean_header(hit.referer, MAX_REFERER), is_bot, location,
+                          "0" if is_bot else campaign.click_cost)
+
+        def buffered(unique: Any) -> None:
             try:
-                self._spool.append_click(event, visitor_id, visitor.is_bot)
-            except OSError as disk:
-                metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
-                log.error("click %s lost: Redis and the spool both failed: %r", click_id, disk)
-                return Click(click_id, visitor_id, location, recorded=False)
-            metrics.TALLY.inc(self._click_outcomes["bot" if visitor.is_bot else "accepted"])
-            return Click(click_id, visitor_id, location, recorded=True)
-        metrics.TALLY.inc(self._click_outcomes[
-            "bot" if visitor.is_bot else ("accepted" if unique else "duplicate")])
+                if isinstance(unique, RedisError):
+                    click = self._click_spooled(click_id, campaign_id, visitor_id, is_bot,
+                                                line, location, unique)
+                else:
+                    metrics.TALLY.inc(self._click_outcomes[
+                        "bot" if is_bot else ("accepted" if unique else "duplicate")])
+                    click = Click(click_id, visitor_id, location, recorded=True)
+            except Exception:  # noqa: BLE001 - the visitor is answered whatever failed here
+                log.exception("click %s: recording failed", click_id)
+                click = Click(click_id, visitor_id, location, recorded=False)
+            done(click)
+
+        self._buffer.add_click(click_id, campaign_id, visitor_id, is_bot, line, buffered)
+
+    def _click_spooled(self, click_id: str, campaign_id: int, visitor_id: str, is_bot: bool,
+                       line: str, location: str, exc: RedisError) -> Click:
+        # The visitor still gets their redirect: our outage must not break their journey,
+        # nor lose the click: it waits in the local spool until Redis is back.
+        metrics.BACKEND_ERRORS.labels("redis").inc()
+        self._warn_redis_down(exc)
+        try:
+            self._spool.append_click(click_id, campaign_id, visitor_id, is_bot, line)
+        except OSError as disk:
+            metrics.dropped("click", DropReason.BUFFER_UNAVAILABLE)
+            log.error("click %s lost: Redis and the spool both failed: %r", click_id, disk)
+            return Click(click_id, visitor_id, location, recorded=False)
+        metrics.TALLY.inc(self._click_outcomes["bot" if is_bot else "accepted"])
         return Click(click_id, visitor_id, location, recorded=True)
 
-    async def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str]) -> bool:
+    def impression(self, hit: Hit, campaign: Campaign, params: dict[str, str],
+                   done: Callable[[], None]) -> None:
+        """Record an impression; `done` is called once the buffer (or the spool) took it, or
+        it was lost (counted)."""
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
-        event = {
-            "type": "impression", "id": new_id_text(), "campaign_id": campaign.id,
-            "visitor_id": self.visitor_id(hit),
-            **{k: v for k, v in params.items() if k in IMPRESSION_PARAMS},
-            "ip": visitor.ip, "country": visitor.country, "device": visitor.device,
-            "user_agent": visitor.user_agent, "is_bot": visitor.is_bot,
-            "cost": "0" if visitor.is_bot else campaign.impression_cost,
-        }
-        try:
-            await self._buffer.record(event)
-        except RedisError as exc:
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            self._warn_redis_down(exc)
+        is_bot = visitor.is_bot
+        impression_id, campaign_id, visitor_id = new_id_text(), campaign.id, self.visitor_id(hit)
+        line = impression_line(impression_id, campaign_id, visitor_id, params, visitor.ip,
+                               visitor.country, visitor.device, visitor.user_agent, is_bot,
+                               "0" if is_bot else campaign.impression_cost)
+
+        def buffered(result: Any) -> None:
             try:
-                self._spool.append_event(event)
+                if isinstance(result, RedisError):
+                    self._impression_spooled(impression_id, campaign_id, visitor_id, line, result)
+                metrics.TALLY.inc(self._impression_outcomes["bot" if is_bot else "accepted"])
             except OSError as disk:
                 metrics.dropped("impression", DropReason.BUFFER_UNAVAILABLE)
                 log.error("impression lost: Redis and the spool both failed: %r", disk)
-                return False
-        metrics.TALLY.inc(self._impression_outcomes["bot" if visitor.is_bot else "accepted"])
-        return True
+            except Exception:  # noqa: BLE001 - counted; the pixel is answered all the same
+                metrics.dropped("impression", DropReason.INTERNAL_ERROR)
+                log.exception("impression not recorded")
+            done()
 
+        self._buffer.add(impression_id, campaign_id, visitor_id, line, buffered)
 
-IMPRESSION_PARAMS = frozenset(["pub", "sub1", "sub2", "sub3", "sub4", "sub5"])
+    def _impression_spooled(self, impression_id: str, campaign_id: int, visitor_id: str,
+                            line: str, exc: RedisError) -> None:
+        metrics.BACKEND_ERRORS.labels("redis").inc()
+        self._warn_redis_down(exc)
+        self._spool.append_impression(impression_id, campaign_id, visitor_id, line)

@@ -35,11 +35,18 @@ from ..storage import events as store
 from ..redis_client import Client, send
 from ..redis_keys import Keys
 from ..storage import rows
+from ..storage import lines
+from .entries import CLICKS, COPIED, COPIES, IMPRESSIONS, SINGLE, counted, pieces, size
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[bytes, bytes]]
 Taken = tuple[int, list[Entry]]  # a shard, and entries read from its stream
+# A piece of a batch: a label for dead_letters (its entry's id, and a line's place in it once
+# a refused batch is split that far), its kind (CLICKS, IMPRESSIONS: lines; SINGLE: one JSON
+# event) and its bytes.
+Item = tuple[str, bytes, bytes]
+Copies = dict[bytes, list[bytes]]  # copies hash: the ids of the clicks written
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 # Errors that blame a row's values, not PostgreSQL nor our code: SQLSTATE class 22 (data
@@ -55,21 +62,41 @@ def blames_a_row(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
 
 
-# Written entries are acknowledged and leave the stream, so its length is the backlog; the
-# copies of the clicks among them go too (what Redis keeps of a stored click is its
+# Written entries are acknowledged and leave the stream; the backlog counter loses the
+# events of each entry acknowledged here first (XACK says 1 once per entry, whoever acks
+# it: a replayed or claimed batch is not taken off twice), and is reset when the stream is
+# empty (a tool's uncounted entries, an entry deleted while pending, cannot leave it off for
+# good); the copies of the clicks written go too (what Redis keeps of a stored click is its
 # uniqueness key alone).
-# KEYS: stream, click copies...; ARGV: group, ids...
+# KEYS: 1 stream, 2 backlog counter, then copies hashes
+# ARGV: 1 group, 2 E, then E × (entry id, events it added to the backlog), then per copies
+#       hash, in KEYS order: how many ids, the ids
 ACK_AND_DELETE = """
 local group = ARGV[1]
-for i = 2, #ARGV, 4000 do
-    local ids = {unpack(ARGV, i, math.min(i + 3999, #ARGV))}
-    redis.call('XACK', KEYS[1], group, unpack(ids))
-    redis.call('XDEL', KEYS[1], unpack(ids))
+local last = 2 + 2 * tonumber(ARGV[2])
+local done = 0
+local ids = {}
+for i = 3, last, 2 do
+    if redis.call('XACK', KEYS[1], group, ARGV[i]) == 1 then done = done + tonumber(ARGV[i + 1]) end
+    ids[#ids + 1] = ARGV[i]
 end
-for i = 2, #KEYS, 4000 do
-    redis.call('UNLINK', unpack(KEYS, i, math.min(i + 3999, #KEYS)))
+for i = 1, #ids, 4000 do
+    redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 3999, #ids)))
 end
-return #ARGV - 1
+local at = last + 1
+for k = 3, #KEYS do
+    local n = tonumber(ARGV[at])
+    for i = at + 1, at + n, 4000 do
+        redis.call('HDEL', KEYS[k], unpack(ARGV, i, math.min(i + 3999, at + n)))
+    end
+    at = at + n + 1
+end
+if redis.call('XLEN', KEYS[1]) == 0 then
+    redis.call('DEL', KEYS[2])
+elseif done > 0 and redis.call('DECRBY', KEYS[2], done) < 0 then
+    redis.call('SET', KEYS[2], 0)
+end
+return done
 """
 
 
@@ -118,6 +145,9 @@ class BatchWriter:
         self._shards = range(keys.shards)
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Taken] = []
+        # Events per entry in what was read lately (see _entries_for); a guess to start with,
+        # low enough that a first read under load stays a batch's worth.
+        self._per_entry = 16.0
         self._ack_sha = hashlib.sha1(ACK_AND_DELETE.encode()).hexdigest()
         self._remove_script = redis.register_script(REMOVE_IF_GONE)
         self._warned: set[str] = set()
@@ -147,7 +177,8 @@ class BatchWriter:
                 await self._until_ok(self._alive)
                 await self._until_ok(self.ensure_group)
                 # Our own pending entries: what this slot read before it was killed.
-                self._held = await self._until_ok(lambda: self._read_all("0"))
+                # (A batch never holds more entries than batch_size: this reads all of it.)
+                self._held = await self._until_ok(lambda: self._read_all("0", self.batch_size))
             except _Stopped:
                 return
             backoff = 0.05
@@ -205,10 +236,10 @@ class BatchWriter:
         if not batch:
             self._held = []
             return 0
-        await self.write(batch)
-        await self._ack(self._held)
+        events, copies = await self.write(batch)
+        await self._ack(self._held, copies)
         self._held = []
-        return len(batch)
+        return events
 
     async def _take(self, now: float, block: bool) -> list[Taken]:
         """The next batch: a gone writer's pending entries when it is time to look, else new
@@ -220,42 +251,67 @@ class BatchWriter:
                 return claimed
         if len(self._shards) == 1:
             return await self._take_one(block)
-        taken = await self._read_all(">", self._per_shard(self.batch_size))
+        per_shard = self._per_shard(self._entries_for(self.batch_size))
+        taken = await self._read_all(">", per_shard)
         count = _count(taken)
+        if count < self.batch_size // 2 and any(len(e) == per_shard for _, e in taken):
+            # Entries held fewer events than guessed: the rest of a batch, now that we know.
+            taken += await self._read_all(
+                ">", self._per_shard(self._entries_for(self.batch_size - count)))
+            count = _count(taken)
         if not count:
             if block:
                 await self._sleep(min(self.wait_ms, POLL_MS) / 1000)
             return []
         if block and self.linger_ms and LINGER_FROM <= count < self.batch_size:
             await asyncio.sleep(self.linger_ms / 1000)
-            taken += await self._read_all(">", self._per_shard(self.batch_size - count))
+            taken += await self._read_all(
+                ">", self._per_shard(self._entries_for(self.batch_size - count)))
         return taken
 
     async def _take_one(self, block: bool) -> list[Taken]:
         """Unsharded: one blocking read of the one stream."""
         batch = await self._read(0, ">", block=self.wait_ms if block else None)
-        if block and self.linger_ms and LINGER_FROM <= len(batch) < self.batch_size:
+        count = _size(batch)
+        if block and self.linger_ms and LINGER_FROM <= count < self.batch_size:
             # Under load, wait a moment for a fuller batch: each transaction's fixed cost
             # (COPY set-up, planning, the commit's fsync) is shared by more events. A trickle
             # is written at once, so light load keeps its low lag.
             await asyncio.sleep(self.linger_ms / 1000)
-            batch += await self._read(0, ">", count=self.batch_size - len(batch))
+            batch += await self._read(0, ">", count=self._entries_for(self.batch_size - count))
         return [(0, batch)] if batch else []
 
     def _per_shard(self, count: int) -> int:
         return max(1, -(-count // len(self._shards)))
+
+    def _entries_for(self, events: int) -> int:
+        """How many entries to read for about `events` events: an entry holds a round of the
+        hot path's events, more of them the busier it is, so the writer goes by what the
+        entries it read lately held."""
+        return max(1, round(events / self._per_entry))
+
+    def _learn(self, entries: list[Entry]) -> None:
+        if entries:
+            self._per_entry = max(1.0, _size(entries) / len(entries))
 
     async def claim(self) -> list[Taken]:
         """The pending entries of writers that are gone (no heartbeat for claim_idle_ms), up to
         a batch; consumers that are gone and hold nothing more are removed from the group. A
         live writer's entries are never taken, however long it has held them."""
         taken: list[Taken] = []
-        room = self.batch_size
+        room = self.batch_size  # events
         for shard in self._shards:
-            entries = await self._claim(shard, room)
-            if entries:
-                taken.append((shard, entries))
-                room -= len(entries)
+            for _ in range(2):  # a second time when the entries held fewer events than guessed
+                asked = self._entries_for(room)
+                entries = await self._claim(shard, asked)
+                if entries:
+                    self._learn(entries)
+                    taken.append((shard, entries))
+                    room -= _size(entries)
+                if len(entries) < asked or room <= 0:
+                    break
+            if room <= 0:
+                break
         claimed = _count(taken)
         if claimed:
             metrics.EVENTS_CLAIMED.inc(claimed)
@@ -315,7 +371,18 @@ class BatchWriter:
 
     async def _read(self, shard: int, start: str, block: int | None = None,
                     count: int | None = None) -> list[Entry]:
-        (entries,) = await self._reads([shard], start, count, block)
+        """`count` entries, or (None) about a batch's worth of events: entries hold as many
+        events as the round that made them, so when the first read's entries held fewer
+        than guessed, the rest of the batch is read too, now that their size is known."""
+        if count is not None:
+            (entries,) = await self._reads([shard], start, count, block)
+            return entries
+        asked = self._entries_for(self.batch_size)
+        (entries,) = await self._reads([shard], start, asked, block)
+        if start == ">" and len(entries) == asked and _size(entries) < self.batch_size // 2:
+            (more,) = await self._reads([shard], start,
+                                        self._entries_for(self.batch_size - _size(entries)))
+            entries += more
         return entries
 
     async def _read_all(self, start: str, count: int | None = None) -> list[Taken]:
@@ -332,7 +399,8 @@ class BatchWriter:
         wait = () if block is None else ("BLOCK", block)
         replies = await send(self._redis, [
             ("XREADGROUP", "GROUP", self._keys.group, self.consumer, "COUNT",
-             count or self.batch_size, *wait, "STREAMS", self._keys.streams[shard], start)
+             count or self._entries_for(self.batch_size), *wait, "STREAMS",
+             self._keys.streams[shard], start)
             for shard in shards])
         read: list[list[Entry]] = []
         for shard, reply in zip(shards, replies):
@@ -342,16 +410,25 @@ class BatchWriter:
                 reply = None
             elif isinstance(reply, Exception):
                 raise reply
-            read.append(_entries(reply))
+            entries = _entries(reply)
+            self._learn(entries)
+            read.append(entries)
         return read
 
-    async def _ack(self, taken: list[Taken]) -> None:
-        # One script per shard, in its slot, so the ids are encoded and sent once for both
-        # commands; the copies of the clicks written go with them.
-        commands = [("EVALSHA", self._ack_sha, 1 + sum(b"k" in f for _, f in entries),
-                     self._keys.streams[shard], *(f[b"k"] for _, f in entries if b"k" in f),
-                     self._keys.group, *(entry_id for entry_id, _ in entries))
-                    for shard, entries in taken]
+    async def _ack(self, taken: list[Taken], copies: Copies) -> None:
+        # One script per shard, in its slot: its entries acknowledged, deleted and taken off
+        # the backlog, the copies of its clicks written deleted.
+        commands = []
+        for shard, entries in taken:
+            hashes = list(dict.fromkeys(f[COPIES] for _, f in entries if COPIES in f))
+            args: list[Any] = [self._keys.group, len(entries)]
+            for entry_id, fields in entries:
+                args += (entry_id, counted(fields))
+            for name in hashes:
+                ids = copies.get(name, ())
+                args += (len(ids), *ids)
+            commands.append(("EVALSHA", self._ack_sha, 2 + len(hashes), self._keys.streams[shard],
+                             self._keys.backlog(shard), *hashes, *args))
         replies = await send(self._redis, commands)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis restarted or was flushed since: load the script, then ack again (acking
@@ -364,61 +441,73 @@ class BatchWriter:
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
-    async def write(self, batch: list[Entry]) -> None:
-        """Store a batch exactly once. A batch PostgreSQL refuses for its data is split until
-        the refused event stands alone; that one goes to dead_letters."""
+    async def write(self, batch: list[Entry]) -> tuple[int, Copies]:
+        """Store a batch exactly once; (its events, the copies of its clicks, which may go
+        once it is acknowledged). A batch PostgreSQL refuses for its data is split until the
+        refused event stands alone; that one goes to dead_letters."""
         started = time.perf_counter()
+        items, copies, count = _items(batch)
         conn = await self._connection()
         try:
-            await self._write_split(conn, batch)
+            await self._write_split(conn, items)
         except BaseException:
             # The connection may be broken or mid-transaction: start the retry on a new one.
             await self._close_conn()
             raise
-        metrics.BATCH_ROWS.observe(len(batch))
+        metrics.BATCH_ROWS.observe(count)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
         # Stream ids start with the millisecond the event was appended, just before its answer.
         metrics.WRITE_LAG.observe(max(0.0, time.time() - int(batch[0][0].split("-", 1)[0]) / 1000))
+        return count, copies
 
-    async def _write_split(self, conn: asyncpg.Connection, batch: list[Entry]) -> None:
-        clicks: list[tuple[Entry, dict[str, Any]]] = []
-        impressions: list[tuple[Entry, dict[str, Any]]] = []
+    async def _write_split(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+        batch = store.Batch()
         conversions: list[tuple[Any, ...]] = []
-        bad: list[tuple[Entry, str]] = []
-        for entry in batch:
-            try:
-                event = orjson.loads(entry[1][b"e"])
-                kind = event["type"]
-                if kind == "click":
-                    clicks.append((entry, event))
-                elif kind == "impression":
-                    impressions.append((entry, event))
-                elif kind == "conversion":
-                    conversions.append(rows.conversion_record(event))
-                else:
-                    raise rows.BadEvent(f"unknown event type {kind!r}")
-            except (KeyError, TypeError, orjson.JSONDecodeError, rows.BadEvent) as exc:
-                bad.append((entry, repr(exc)))
+        bad: list[tuple[Item, str]] = []
+        for item in items:
+            kind = item[1]
+            if kind is CLICKS:
+                batch.click_lines.append((item, item[2]))
+            elif kind is IMPRESSIONS:
+                batch.impression_lines.append((item, item[2]))
+            else:
+                try:
+                    event = orjson.loads(item[2])
+                    kind = event["type"]
+                    if kind == "click":
+                        batch.clicks.append((item, event))
+                    elif kind == "impression":
+                        batch.impressions.append((item, event))
+                    elif kind == "conversion":
+                        conversions.append(rows.conversion_record(event))
+                    else:
+                        raise rows.BadEvent(f"unknown event type {kind!r}")
+                except (KeyError, TypeError, orjson.JSONDecodeError, rows.BadEvent) as exc:
+                    bad.append((item, repr(exc)))
         try:
             try:
-                counts = await self._transaction(conn, clicks, impressions, conversions, bad)
+                counts = await self._transaction(conn, batch, conversions, bad)
             except store.Replayed:
                 # Written before, in part or whole (a crash between COMMIT and XACK, a claimed
                 # batch): rolled back; now only what is new is inserted and folded.
-                counts = await self._transaction(conn, clicks, impressions, conversions, bad,
-                                                 replayed=True)
+                counts = await self._transaction(conn, batch, conversions, bad, replayed=True)
         except asyncpg.PostgresError as exc:
             if not blames_a_row(exc):
                 raise
-            if len(batch) == 1:
-                log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", batch[0][0], exc)
+            if len(items) == 1:
+                label, kind, raw = items[0]
+                if kind is not SINGLE and b"\n" in raw:  # a round's lines: one by one now
+                    await self._write_split(conn, [(f"{label}/{n}", kind, line)
+                                                   for n, line in enumerate(raw.split(b"\n"))])
+                    return
+                log.error("event %s refused by PostgreSQL, kept in dead_letters: %r", label, exc)
                 async with conn.transaction():
-                    await store.dead_letters(conn, [(batch[0][0], _payload(batch[0][1]), repr(exc))])
+                    await store.dead_letters(conn, [(label, _payload(items[0]), repr(exc))])
                 metrics.DEAD_LETTERS.inc()
                 return
-            half = len(batch) // 2
-            await self._write_split(conn, batch[:half])
-            await self._write_split(conn, batch[half:])
+            half = len(items) // 2
+            await self._write_split(conn, items[:half])
+            await self._write_split(conn, items[half:])
             return
         new_clicks, new_impressions, new_conversions, refused = counts
         metrics.DEAD_LETTERS.inc(refused)
@@ -427,22 +516,19 @@ class BatchWriter:
         metrics.EVENTS_WRITTEN.labels("conversion").inc(new_conversions)
 
     @staticmethod
-    async def _transaction(conn: asyncpg.Connection,
-                           clicks: list[tuple[Entry, dict[str, Any]]],
-                           impressions: list[tuple[Entry, dict[str, Any]]],
-                           conversions: list[tuple[Any, ...]], bad: list[tuple[Entry, str]], *,
+    async def _transaction(conn: asyncpg.Connection, batch: store.Batch,
+                           conversions: list[tuple[Any, ...]], bad: list[tuple[Item, str]], *,
                            replayed: bool = False) -> tuple[int, int, int, int]:
         """One transaction: (new clicks, new impressions, new conversion versions, events
         kept in dead_letters)."""
         async with conn.transaction():
-            written = await store.write(conn, clicks, impressions, replayed=replayed)
+            written = await store.write(conn, batch, replayed=replayed)
             # After the clicks' fold: one lock order for every writer (storage/conversions.py).
             new_conversions = await conversion_store.write(conn, conversions)
             refused = bad + written.refused
             if refused:
                 await store.dead_letters(
-                    conn, [(entry_id, _payload(fields), error)
-                           for (entry_id, fields), error in refused])
+                    conn, [(item[0], _payload(item), error) for item, error in refused])
         return written.clicks, written.impressions, new_conversions, len(refused)
 
     async def _connection(self) -> asyncpg.Connection:
@@ -460,11 +546,11 @@ class BatchWriter:
     async def backlog(self) -> tuple[int, float]:
         """(events not yet in PostgreSQL, age in seconds of the oldest), over every shard."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for stream in self._keys.streams:
-                pipe.xlen(stream)
+            for shard, stream in enumerate(self._keys.streams):
+                pipe.get(self._keys.backlog(shard))
                 pipe.xrange(stream, count=1)
             replies = await pipe.execute()
-        length = sum(int(n) for n in replies[0::2])
+        length = sum(max(0, int(n or 0)) for n in replies[0::2])
         firsts = [int(_s(first[0][0]).split("-")[0]) for first in replies[1::2] if first]
         age = max(0.0, time.time() - min(firsts) / 1000) if firsts else 0.0
         return length, age
@@ -529,16 +615,43 @@ def _entries(reply: Any) -> list[Entry]:
     return entries
 
 
+def _size(entries: list[Entry]) -> int:
+    return sum(size(fields) for _, fields in entries)
+
+
 def _count(taken: list[Taken]) -> int:
-    return sum(len(entries) for _, entries in taken)
+    """The events of what was taken."""
+    return sum(_size(entries) for _, entries in taken)
 
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _payload(fields: dict[bytes, bytes]) -> str:
-    """The entry as text PostgreSQL will take: a payload that is not even valid text (a NUL
-    byte, broken UTF-8) must still reach dead_letters, or it would wedge the writer."""
-    raw = fields.get(b"e", b"")
+def _items(batch: list[Entry]) -> tuple[list[Item], Copies, int]:
+    """The pieces of the entries, in order; the copies their clicks have; how many events."""
+    items: list[Item] = []
+    copies: Copies = {}
+    count = 0
+    for entry_id, fields in batch:
+        for kind, raw in pieces(fields):
+            items.append((entry_id, kind, raw))
+        count += size(fields)
+        hash_, ids = fields.get(COPIES), fields.get(COPIED)
+        if hash_ is not None and ids:
+            copies.setdefault(hash_, []).extend(ids.split(b","))
+    return items, copies, count
+
+
+def _payload(item: Item) -> str:
+    """The event as text PostgreSQL will take (a payload that is not even valid text, a NUL
+    byte or broken UTF-8, must still reach dead_letters, or it would wedge the writer): a
+    line as the JSON event it stands for, so that a replay puts back what it holds."""
+    _, kind, raw = item
+    if kind is not SINGLE:
+        try:
+            event = (lines.click_event(raw) if kind is CLICKS else lines.impression_event(raw))
+            raw = orjson.dumps({"type": "click" if kind is CLICKS else "impression", **event})
+        except (ValueError, TypeError):
+            pass
     return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")

@@ -18,24 +18,14 @@ from socket import AF_INET, AF_INET6, inet_pton
 from typing import Any
 
 from .. import money
-from ..ids import _CROCKFORD, decode_id
+from ..ids import decode_id
+from .lines import (CLICK_COLUMNS, CLICK_PARAMS, IMPRESSION_COLUMNS, IMPRESSION_PARAMS, NULL,
+                    stamp, ulid_number)
 
-CLICK_COLUMNS = (
-    "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
-    "ext_click_id", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
-    "customer_id", "gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid", "ip",
-    "country", "device", "user_agent", "referer", "is_unique", "is_bot", "destination", "cost",
-)
-IMPRESSION_COLUMNS = (
-    "id", "ts", "campaign_id", "visitor_id", "pub", "sub1", "sub2", "sub3", "sub4", "sub5",
-    "ip", "country", "device", "user_agent", "is_bot", "cost",
-)
-# Where the rollups' figures sit in each kind's row.
-CLICK_IP, CLICK_COUNTRY, CLICK_UNIQUE, CLICK_BOT, CLICK_COST = 23, 24, 28, 29, 31
-IMPRESSION_IP, IMPRESSION_COUNTRY, IMPRESSION_BOT, IMPRESSION_COST = 10, 11, 14, 15
+__all__ = ["CLICK_COLUMNS", "IMPRESSION_COLUMNS", "BadEvent", "click_row", "impression_row",
+           "conversion_record"]
 
-# COPY's text format: NULL, and the characters a value must escape.
-NULL = "\\N"
+# NULL, and what a value must escape, in COPY's text format.
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -44,50 +34,25 @@ class BadEvent(ValueError):
 
 
 # Free-text columns of each kind of event, in CLICK_COLUMNS / IMPRESSION_COLUMNS order.
-CLICK_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5", "ext_click_id", "utm_source",
-               "utm_medium", "utm_campaign", "utm_term", "utm_content", "customer_id",
-               "gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid")
-IMPRESSION_TEXTS = ("pub", "sub1", "sub2", "sub3", "sub4", "sub5")
+CLICK_TEXTS = CLICK_PARAMS
+IMPRESSION_TEXTS = IMPRESSION_PARAMS
 TRAIT_TEXTS = ("country", "device", "user_agent")
 CLICK_TRAIT_TEXTS = TRAIT_TEXTS + ("referer",)
 # "" for each absent one: map(event.get, names, blanks) reads them all in C.
 _BLANKS = ("",) * len(CLICK_TEXTS)
 _FLAGS = {True: "t", False: "f"}
 
-# ULID text → its 128-bit number in C: bytes.translate maps Crockford's alphabet onto the
-# digits int(…, 32) reads, and every other byte onto one that int() refuses.
-_ULID_DIGITS = bytearray(b"!" * 256)
-for _digit, _char in enumerate(_CROCKFORD):
-    _ULID_DIGITS[ord(_char)] = _ULID_DIGITS[ord(_char.lower())] = ord(
-        "0123456789abcdefghijklmnopqrstuv"[_digit])
-_ULID_TABLE = bytes(_ULID_DIGITS)
-
-
-# Formatted seconds: events come in time order, many to a second.
-_SECONDS: dict[int, str] = {}
-
-
-def _stamp(ms: int) -> str:
-    """A millisecond since the epoch as timestamptz text (UTC)."""
-    second = _SECONDS.get(ms // 1000)
-    if second is None:
-        if len(_SECONDS) >= 4096:
-            _SECONDS.clear()
-        second = _SECONDS[ms // 1000] = datetime.fromtimestamp(ms // 1000, UTC).strftime(
-            "%Y-%m-%d %H:%M:%S.")
-    return f"{second}{ms % 1000:03d}+00"
-
 
 def _id(value: Any) -> tuple[str, str]:
     """(the id as 32 hex digits, its millisecond as timestamptz text) of a ULID: the instant
     ids.decode_id gives, so a lookup by id finds the row's partition and key."""
-    if type(value) is not str or len(value) != 26 or value[0] > "7":
+    if type(value) is not str:
         raise BadEvent(f"not a ULID: {value!r:.60}")
     try:
-        number = int(value.encode("ascii").translate(_ULID_TABLE), 32)
+        number = ulid_number(value)
     except ValueError:  # UnicodeEncodeError is one
         raise BadEvent(f"not a ULID: {value!r:.60}") from None
-    return number.to_bytes(16, "big").hex(), _stamp(number >> 80)
+    return f"{number:032x}", stamp(number >> 80)
 
 
 def _texts_ok(values: tuple[Any, ...]) -> bool:
@@ -163,8 +128,8 @@ def click_row(event: dict[str, Any], copy: bool = False) -> tuple[Any, ...]:
             free = _escaped(free)
         ip = _ip(event.get("ip"))
         return (uid, ts, campaign_id, *free[:20], NULL if ip is None and copy else ip,
-                *free[20:24], _flag(event["is_unique"], "is_unique"),
-                _flag(event["is_bot"], "is_bot"), free[24], _cost(event.get("cost")))
+                *free[20:24], _flag(event["is_bot"], "is_bot"), free[24],
+                _cost(event.get("cost")), _flag(event["is_unique"], "is_unique"))
     except BadEvent:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
