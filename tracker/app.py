@@ -32,6 +32,7 @@ from .conversion.fx import FxRates
 from .conversion.guard import PostbackGuard
 from .conversion.record import ConversionRecorder
 from .ingest.buffer import EventBuffer
+from .ingest.marks import OldMarks
 from .redis_keys import Keys
 from .ingest.spool import Spool
 from .ingest.track import RequestTracker
@@ -115,7 +116,11 @@ async def campaign_cache(app: web.Application) -> AsyncIterator[None]:
                           refresh_seconds=settings.campaign_refresh_seconds)
     await cache.start()
     app[CAMPAIGNS] = cache
+    # The uniqueness marks of windows gone by go with the campaigns they belong to.
+    old_marks = OldMarks(app[REDIS], app[REDIS_KEYS], cache.ids, settings.unique_window)
+    old_marks.start()
     yield
+    await old_marks.stop()
     await cache.stop()
 
 

@@ -86,6 +86,10 @@ class CampaignCache:
     def get(self, slug: str) -> Campaign | None:
         return self._by_slug.get(slug)
 
+    def ids(self) -> list[int]:
+        """The ids of the campaigns in memory."""
+        return list(self._by_id)
+
     def _set(self, by_slug: dict[str, Campaign]) -> None:
         self._by_slug = by_slug
         self._by_id = {c.id: c for c in by_slug.values()}

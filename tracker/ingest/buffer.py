@@ -1,16 +1,27 @@
-"""The Redis step of the hot path: dedupe, read-your-writes copy and the durable append,
-in one round trip for many requests.
+"""The Redis step of the hot path: uniqueness, the durable append and what read-your-writes
+needs, in one round trip for many requests.
 
 Every tracking request makes exactly one call here. The calls that arrive while the previous
 round is in flight (or, when none is, within one event-loop tick) go together in the next
 round: one write and one read on one connection. The events of a round, per shard, go in one
-script call that appends them as ONE stream entry (storage of an entry: ingest/entries.py),
+script call that appends them as ONE stream entry (what an entry holds: ingest/entries.py),
 so a burst costs a handful of round trips, script calls and entries instead of one per
-request; the busier the worker, the fuller each round.
+request; the busier the worker, the fuller each round. Each event is told its result by a
+callback, from inside the reply's arrival: no task, no future per request.
 
-What a Redis failure does: the call raises (redis.RedisError) and nothing of the event is left
-in Redis: a uniqueness key the script set before a failed append is deleted again, so a key
-that says a visitor was seen never exists for an event that is not buffered.
+Uniqueness: a visitor whose id was made for this very click (no cookie) is new, so its click
+is unique without asking; only a returning visitor's click is checked. Either way the
+visitor is marked in the campaign's hash of the current window (`Keys.seen`: one HSET a
+campaign per round, not a key per click), after the append: a mark never exists for an event
+that is not buffered. A click is unique when the visitor has no mark in the current window
+and none younger than the window in the one before.
+
+Read-your-writes: the entry is named in a set per millisecond of click ids (`Keys.recent`),
+so a lookup finds a click before its row is committed from its id alone; the writer takes
+the entry out once committed.
+
+What a Redis failure does: every event of the round gets the RedisError and nothing of the
+script's is left in Redis (the append is its first write).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,70 +40,85 @@ from ..redis_client import Client, Command, send
 from ..redis_keys import Keys
 from ..redis_pipe import RedisPipe
 from ..storage import lines
+from .entries import CLICKS, fields_of
 
 log = logging.getLogger(__name__)
 
-# The events of one round, one shard and one copies hash, in order, in ONE stream entry: a
-# script call costs Redis as much again as the commands inside it, an entry per event cost
-# the writer a read, an acknowledgement and a delete each, and a key per copy cost more than
-# a field of one hash. (What an entry holds: ingest/entries.py.)
-# KEYS: 1 stream, 2 copies hash, 3 backlog counter, then a uniqueness key per click that has
-#       one (kind 'u')
-# ARGV: 1 copies TTL, 2 uniqueness window, then per event: kind ('u' a click with a
-#       uniqueness key, 'b' a bot's click, which takes none, 'i' an impression), id, line (a
-#       click's without its last column, is_unique, which is appended here, so that the
-#       stream and the copy agree)
-# A visitor's second click in the same call finds the first one's key: one unique click. The
-# uniqueness keys are set (SET NX: the check and the mark in one command) before the
-# append; if the append fails they are deleted again, so that no key says "seen" for an
-# event that is not buffered.
+# One round's events of one shard, in ONE stream entry: a script call costs Redis as much
+# again as the commands inside it, an entry per event cost the writer a read, an
+# acknowledgement and a delete each, a key per mark or copy far more than a field of a hash.
+# KEYS: 1 stream, 2 backlog counter, then R recent sets, then per campaign: the current and
+#       the previous window's seen hash
+# ARGV: 1 recent sets' TTL (s), 2 now (ms), 3 window (ms), 4 when the current window's hash
+#       may go (unix ms), 5 R, 6 the recent sets' names (the entry's `k`), 7 campaigns, then
+#       per campaign: U returning clicks, N new visitors, U x (visitor, line without its
+#       is_unique), N x visitor; then C and C whole click lines (new visitors', bots'),
+#       then I and I impression lines
+# Returns 1 or 0 for each returning click, in order: unique or not. A visitor's second click
+# in the same call is not unique.
 RECORD_EVENTS = r"""
-local out, clicks, ids, copies, impressions, marked = {}, {}, {}, {}, {}, {}
-local k = 4
-for i = 3, #ARGV, 3 do
-    local kind = ARGV[i]
-    if kind == 'i' then
-        impressions[#impressions + 1] = ARGV[i + 2]
-        out[#out + 1] = 0
-    else
-        local unique = 0
-        if kind == 'u' then
-            if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[2]) then
-                unique = 1
-                marked[#marked + 1] = KEYS[k]
+local now, window = ARGV[2], tonumber(ARGV[3])
+local out, clicks, marking = {}, {}, {}
+local recent = tonumber(ARGV[5])
+local k = 3 + recent
+local a = 8
+for _ = 1, tonumber(ARGV[7]) do
+    local cur, prev = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    local u, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    a = a + 2
+    local marks = {}
+    if u > 0 then
+        local visitors = {}
+        for i = 1, u do visitors[i] = ARGV[a + 2 * i - 2] end
+        local here = redis.call('HMGET', cur, unpack(visitors))
+        local before = redis.call('HMGET', prev, unpack(visitors))
+        local taken = {}
+        for i = 1, u do
+            local v = visitors[i]
+            if here[i] or taken[v] or (before[i] and tonumber(now) - tonumber(before[i]) < window) then
+                out[#out + 1] = 0
+                clicks[#clicks + 1] = ARGV[a + 2 * i - 1] .. '\tf'
+            else
+                out[#out + 1] = 1
+                clicks[#clicks + 1] = ARGV[a + 2 * i - 1] .. '\tt'
+                taken[v] = true
+                marks[#marks + 1] = v
+                marks[#marks + 1] = now
             end
-            k = k + 1
         end
-        local line = ARGV[i + 2] .. (unique == 1 and '\tt' or '\tf')
-        clicks[#clicks + 1] = line
-        ids[#ids + 1] = ARGV[i + 1]
-        copies[#copies + 1] = ARGV[i + 1]
-        copies[#copies + 1] = line
-        out[#out + 1] = unique
+        a = a + 2 * u
     end
+    for i = a, a + n - 1 do
+        marks[#marks + 1] = ARGV[i]
+        marks[#marks + 1] = now
+    end
+    a = a + n
+    if #marks > 0 then marking[#marking + 1] = {cur, marks} end
 end
-local fields = {'n', #clicks + #impressions}
+local whole = tonumber(ARGV[a])
+for i = a + 1, a + whole do clicks[#clicks + 1] = ARGV[i] end
+a = a + whole + 1
+local impressions = tonumber(ARGV[a])
+local fields = {'n', #clicks + impressions}
 if #clicks > 0 then
     fields[3], fields[4] = 'c', table.concat(clicks, '\n')
-    fields[5], fields[6] = 'h', KEYS[2]
-    fields[7], fields[8] = 'k', table.concat(ids, ',')
+    fields[5], fields[6] = 'k', ARGV[6]
 end
-if #impressions > 0 then
+if impressions > 0 then
     fields[#fields + 1] = 'i'
-    fields[#fields + 1] = table.concat(impressions, '\n')
+    fields[#fields + 1] = table.concat(ARGV, '\n', a + 1, a + impressions)
 end
-local added = redis.pcall('XADD', KEYS[1], '*', unpack(fields))
-if type(added) == 'table' and added.err then
-    for j = 1, #marked, 1000 do
-        redis.call('DEL', unpack(marked, j, math.min(j + 999, #marked)))
-    end
-    return added
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('INCRBY', KEYS[2], #clicks + impressions)
+for i = 3, 2 + recent do
+    redis.call('SADD', KEYS[i], id)
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
 end
-redis.call('INCRBY', KEYS[3], #clicks + #impressions)
-for j = 1, #copies, 1000 do
-    redis.call('HSET', KEYS[2], unpack(copies, j, math.min(j + 999, #copies)))
+for _, m in ipairs(marking) do
+    redis.call('HSET', m[1], unpack(m[2]))
+    redis.call('PEXPIREAT', m[1], ARGV[4])
 end
-if #copies > 0 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return out
 """
 
@@ -118,16 +145,74 @@ redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6])
 return 1
 """
 SCRIPTS = (RECORD_EVENTS, RECORD_CONVERSION)
-# Rounds of this tick's calls in flight at once: while one is, the next ticks' calls gather
-# and go together when it is answered (fewer, fuller rounds under load; none waits when idle).
+# Rounds in flight at once: while one is, the next calls gather and go together when it is
+# answered (fewer, fuller rounds under load; none waits when idle).
 MAX_IN_FLIGHT = 1
-
+# Events in one script call at most (Lua's unpack has a limit, and a call blocks Redis).
+MAX_CALL = 1000
+# A window's seen hash may go this long after the next window ended (see marks.py, which
+# unlinks it before then, off Redis's main thread).
+MARKS_GRACE = 8  # the window's eighth
 
 # Called once with an event's result (a click: 1 if unique, else 0), or with the RedisError
 # that kept it out of Redis.
 Done = Callable[[Any], None]
-# An event waiting for its round: (kind, id, body, uniqueness key or None, who to tell).
-_Pending = tuple[bytes, str, str, "str | None", Done]
+
+
+class _Call:
+    """One script call's events: the events of one shard in one round."""
+
+    __slots__ = ("campaigns", "whole", "whole_done", "impressions", "impressions_done",
+                 "recent", "size")
+
+    def __init__(self) -> None:
+        # campaign id: ([(visitor, line, done)] of returning clicks, [visitor] new ones)
+        self.campaigns: dict[int, tuple[list[tuple[str, str, Done]], list[str]]] = {}
+        self.whole: list[str] = []
+        self.whole_done: list[tuple[Done, int]] = []
+        self.impressions: list[str] = []
+        self.impressions_done: list[Done] = []
+        self.recent: dict[str, None] = {}
+        self.size = 0
+
+    def command(self, sha: str, keys: Keys, shard: int, recent_ttl: int, window_ms: int,
+                now_ms: int) -> Command:
+        window = now_ms // window_ms
+        recent = [keys.recent(shard, prefix) for prefix in self.recent]
+        names: list[Any] = [keys.streams[shard], keys.backlog(shard), *recent]
+        args: list[Any] = [recent_ttl, now_ms, window_ms,
+                           (window + 2) * window_ms + window_ms // MARKS_GRACE,
+                           len(recent), ",".join(recent), len(self.campaigns)]
+        for campaign_id, (returning, new) in self.campaigns.items():
+            names += (keys.seen(shard, campaign_id, window), keys.seen(shard, campaign_id, window - 1))
+            args += (len(returning), len(new))
+            for visitor, line, _ in returning:
+                args += (visitor, line)
+            args += new
+        args += (len(self.whole), *self.whole, len(self.impressions), *self.impressions)
+        return ("EVALSHA", sha, len(names), *names, *args)
+
+    def deliver(self, result: Any) -> None:
+        """Each event its part of the reply (or the error)."""
+        if not isinstance(result, Exception):
+            expected = sum(len(returning) for returning, _ in self.campaigns.values())
+            if not isinstance(result, list) or len(result) != expected:
+                result = ResponseError(f"unexpected reply to the events script: {result!r:.80}")
+        flags = iter(()) if isinstance(result, Exception) else iter(result)
+        for returning, _ in self.campaigns.values():
+            for _, _, done in returning:
+                _tell(done, result if isinstance(result, Exception) else next(flags))
+        for done, unique in self.whole_done:
+            _tell(done, result if isinstance(result, Exception) else unique)
+        for done in self.impressions_done:
+            _tell(done, result if isinstance(result, Exception) else 0)
+
+
+def _tell(done: Done, result: Any) -> None:
+    try:
+        done(result)
+    except Exception:  # noqa: BLE001 - one event's bug must not silence the others
+        log.exception("an event's callback failed")
 
 
 class EventBuffer:
@@ -138,14 +223,13 @@ class EventBuffer:
         # redis_pipe.py); a Cluster (or TLS) through redis-py.
         self._pipe = pipe
         self._keys = keys
-        self._click_ttl = click_ttl
-        self._unique_window = unique_window
+        self._recent_ttl = click_ttl
+        self._window_ms = unique_window * 1000
         self._events_sha = hashlib.sha1(RECORD_EVENTS.encode()).hexdigest()
         self._conversion_sha = hashlib.sha1(RECORD_CONVERSION.encode()).hexdigest()
         self._queued: list[tuple[Command, asyncio.Future[Any]]] = []
-        # The events waiting for the next round, by (shard, the first 8 characters of their
-        # ids: their copies hash).
-        self._events: dict[tuple[int, str], list[_Pending]] = {}
+        # The next round's events: script calls by shard (the last one is filling).
+        self._calls: dict[int, list[_Call]] = {}
         self._flush_scheduled = False
         self._in_flight = 0
         self._sending: set[asyncio.Task[None]] = set()
@@ -154,36 +238,56 @@ class EventBuffer:
         """A new click id spelling the shard of the visit (see Keys)."""
         return self._keys.stamp(click_id, self._keys.visit_shard(campaign_id, visitor_id))
 
+    def _call_for(self, shard: int) -> _Call:
+        calls = self._calls.get(shard)
+        if calls is None:
+            calls = self._calls[shard] = [_Call()]
+        elif calls[-1].size >= MAX_CALL:
+            calls.append(_Call())
+        call = calls[-1]
+        call.size += 1
+        return call
+
     def add_click(self, click_id: str, campaign_id: int, visitor_id: str, is_bot: bool,
-                  line: str, done: Done) -> None:
-        """Buffer a click (its line, storage/lines.py, without is_unique) in the next round;
+                  new_visitor: bool, line: str, done: Done) -> None:
+        """Buffer a click in the next round: its line (storage/lines.py) without is_unique;
         `done` learns whether it is the visitor's first on this campaign within the window
-        (1 or 0), or the error. Bots never take a visitor's uniqueness."""
+        (1 or 0), or the error. A bot's click is never unique and marks nobody; a new
+        visitor's (an id made for this click) always is."""
         # The click id spells this shard (RequestTracker stamps it): one slot for its keys.
-        keys = self._keys
-        shard = keys.visit_shard(campaign_id, visitor_id)
-        pending = (b"b", click_id, line, None, done) if is_bot else (
-            b"u", click_id, line, keys.unique(shard, campaign_id, visitor_id), done)
-        group = self._events.get((shard, click_id[:8]))
-        if group is None:
-            self._events[(shard, click_id[:8])] = [pending]
+        shard = self._keys.visit_shard(campaign_id, visitor_id)
+        call = self._call_for(shard)
+        call.recent[click_id[:10]] = None
+        if is_bot:
+            call.whole.append(line + "\tf")
+            call.whole_done.append((done, 0))
+            self._schedule()
+            return
+        visitors = call.campaigns.get(campaign_id)
+        if visitors is None:
+            visitors = call.campaigns[campaign_id] = ([], [])
+        if new_visitor:
+            visitors[1].append(visitor_id)
+            call.whole.append(line + "\tt")
+            call.whole_done.append((done, 1))
         else:
-            group.append(pending)
+            visitors[0].append((visitor_id, line, done))
         self._schedule()
 
     def add(self, impression_id: str, campaign_id: int, visitor_id: str, line: str,
             done: Done) -> None:
-        """Buffer an impression (its line): no dedupe, no copy."""
-        shard = self._keys.visit_shard(campaign_id, visitor_id)
-        self._events.setdefault((shard, impression_id[:8]), []).append(
-            (b"i", impression_id, line, None, done))
+        """Buffer an impression (its line): no uniqueness, no read-your-writes."""
+        call = self._call_for(self._keys.visit_shard(campaign_id, visitor_id))
+        call.impressions.append(line)
+        call.impressions_done.append(done)
         self._schedule()
 
     async def record_click(self, click_id: str, campaign_id: int, visitor_id: str,
-                           is_bot: bool, line: str) -> bool:
+                           is_bot: bool, line: str, new_visitor: bool = False) -> bool:
         """add_click, awaited: whether the click is unique."""
         future = asyncio.get_running_loop().create_future()
-        self.add_click(click_id, campaign_id, visitor_id, is_bot, line, _settle(future))
+        self.add_click(click_id, campaign_id, visitor_id, is_bot, new_visitor, line,
+                       _settle(future))
         return bool(await future)
 
     async def record(self, impression_id: str, campaign_id: int, visitor_id: str,
@@ -205,10 +309,30 @@ class EventBuffer:
     async def ping(self) -> None:
         await self._redis.ping()
 
+    async def recent_line(self, click_id: str) -> bytes | None:
+        """A click's line while its row is not committed: from the entries named in the
+        set of its id's millisecond (two rounds; None once committed, or never issued)."""
+        click_id = click_id.upper()
+        entry_ids = await self.call("SMEMBERS", self._keys.recent_of(click_id))
+        if not entry_ids:
+            return None
+        stream = self._keys.click_stream(click_id)
+        replies = await asyncio.gather(*(self.call("XRANGE", stream, e, e) for e in entry_ids))
+        try:
+            wanted = f"{lines.ulid_number(click_id):032x}".encode()
+        except ValueError:
+            return None
+        for reply in replies:
+            for _, fields in fields_of(reply):
+                for line in fields.get(CLICKS, b"").split(b"\n"):
+                    if line.startswith(wanted):
+                        return line
+        return None
+
     async def recent_click(self, click_id: str) -> dict[str, Any] | None:
-        """A click's copy, while its row is not committed (storage/lines.click_event)."""
-        raw = await self._redis.hget(*self._keys.copy_of(click_id))
-        return None if raw is None else lines.click_event(raw)
+        """recent_line as the click's fields (storage/lines.click_event)."""
+        line = await self.recent_line(click_id)
+        return None if line is None else lines.click_event(line)
 
     # -- one round at a time -----------------------------------------------------------------
 
@@ -228,24 +352,19 @@ class EventBuffer:
         self._flush_scheduled = False
         batch: list[tuple[Command, Any]] = list(self._queued)
         self._queued = []
-        streams = self._keys.streams
-        for (shard, prefix), events in self._events.items():
-            keys: list[str] = [streams[shard], self._keys.copies(shard, prefix),
-                               self._keys.backlog(shard)]
-            args: list[Any] = [self._click_ttl, self._unique_window]
-            for kind, event_id, body, seen, _ in events:
-                if seen is not None:
-                    keys.append(seen)
-                args += (kind, event_id, body)
-            batch.append((("EVALSHA", self._events_sha, len(keys), *keys, *args), events))
-        self._events = {}
+        now_ms = int(time.time() * 1000)
+        for shard, calls in self._calls.items():
+            for call in calls:
+                batch.append((call.command(self._events_sha, self._keys, shard,
+                                           self._recent_ttl, self._window_ms, now_ms), call))
+        self._calls = {}
         if not batch:
             return
         self._in_flight += 1
         metrics.BUFFER_PIPELINE.observe(len(batch))
-        commands = [command for command, _ in batch]
         if self._pipe is not None:
-            self._pipe.send_soon(commands, lambda results: self._received(batch, results))
+            self._pipe.send_soon([command for command, _ in batch],
+                                 lambda results: self._received(batch, results))
         else:
             self._spawn(self._send(batch))
 
@@ -258,12 +377,13 @@ class EventBuffer:
             return
         self._in_flight -= 1
         _deliver(batch, results)
-        if self._queued or self._events:
+        if self._queued or self._calls:
             self._schedule()
 
     async def _send(self, batch: list[tuple[Command, Any]],
                     results: list[Any] | None = None) -> None:
         """A round through redis-py (a Cluster), or again once the scripts are loaded."""
+        error: Exception | None = None
         try:
             if results is None:
                 results = await send(self._redis, [command for command, _ in batch])
@@ -275,11 +395,10 @@ class EventBuffer:
                 for i, result in zip(missing, again):
                     results[i] = result
         except Exception as exc:  # noqa: BLE001 - every caller learns of it
-            results = None
-            error: Exception = exc if isinstance(exc, RedisError) else RedisError(repr(exc))
+            error = exc if isinstance(exc, RedisError) else RedisError(repr(exc))
         self._in_flight -= 1
-        _deliver(batch, error if results is None else results)
-        if self._queued or self._events:
+        _deliver(batch, error if error is not None or results is None else results)
+        if self._queued or self._calls:
             self._schedule()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -297,21 +416,15 @@ class EventBuffer:
             await self._pipe.close()
 
 
-def _deliver(batch: list[tuple[Command, Any]], results: list[Any] | Exception) -> None:
+def _deliver(batch: list[tuple[Command, Any]], results: list[Any] | Exception | None) -> None:
+    if results is None:
+        results = RedisError("no reply")
     for i, (_, receiver) in enumerate(batch):
         result = results if isinstance(results, Exception) else results[i]
         if isinstance(result, Exception) and not isinstance(result, RedisError):
             result = ResponseError(repr(result))
-        if type(receiver) is list:
-            # One script call's events: each its own part of the reply (or the error).
-            if not isinstance(result, (list, Exception)) or (
-                    type(result) is list and len(result) != len(receiver)):
-                result = ResponseError(f"unexpected reply to the events script: {result!r:.80}")
-            for n, pending in enumerate(receiver):
-                try:
-                    pending[4](result if isinstance(result, Exception) else result[n])
-                except Exception:  # noqa: BLE001 - one event's bug must not silence the others
-                    log.exception("an event's callback failed")
+        if type(receiver) is _Call:
+            receiver.deliver(result)
         elif not receiver.done():  # a plain call; its caller may have been cancelled
             if isinstance(result, Exception):
                 receiver.set_exception(result)

@@ -3,8 +3,8 @@
 An entry appended by the hot path (ingest/buffer.py, RECORD_EVENTS) holds the events of one
 round and shard, as the lines the writer COPYs (storage/lines.py), joined by newlines: `c`
 the clicks', `i` the impressions' (each only when there are some); `n`, how many events in
-all; `h`, the hash that keeps the clicks' read-your-writes copies until they are committed,
-and `k`, the clicks' ids in it (comma-separated). A conversion's entry (RECORD_CONVERSION),
+all; `k`, the sets that name the entry for read-your-writes (`Keys.recent`, comma-separated),
+which the writer takes it out of once its rows are committed. A conversion's entry (RECORD_CONVERSION),
 and one put back by a tool (`tracker dead-letters --replay`), holds one JSON event: `e`;
 `n` is 1 when the script counted it in the backlog (a tool's entry is not counted).
 """
@@ -22,10 +22,23 @@ CLICKS = b"c"
 IMPRESSIONS = b"i"
 SINGLE = b"e"
 COUNT = b"n"
-COPIES = b"h"
-COPIED = b"k"
+RECENT = b"k"
 
 Fields = dict[bytes, bytes]
+
+
+def fields_of(reply: Any) -> list[tuple[bytes | str, Fields]]:
+    """The entries of an XRANGE reply, or of one stream's part of an XREADGROUP reply: raw
+    from one server ([[id, [field, value, ...]], ...]), parsed ([(id, {field: value})]) from a
+    Cluster pipeline. An entry deleted while pending reads without fields: skipped."""
+    entries = []
+    for entry_id, fields in reply or ():
+        if not fields:
+            continue
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2]))
+        entries.append((entry_id, fields))
+    return entries
 
 
 def pieces(fields: Fields) -> Iterator[tuple[bytes, bytes]]:

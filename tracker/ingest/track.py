@@ -83,6 +83,7 @@ class RequestTracker:
         """Record a click; `done` gets what to answer once the buffer took it (or the spool,
         when Redis failed). Called back, not awaited: no task, no future per click."""
         visitor_id = self.visitor_id(hit)
+        new_visitor = visitor_id != hit.visitor_cookie  # made for this click: unique
         click_id = self._buffer.stamp(new_id_text(), campaign.id, visitor_id)
         _, location = self.location(campaign, params, click_id)
         visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
@@ -107,7 +108,8 @@ class RequestTracker:
                 click = Click(click_id, visitor_id, location, recorded=False)
             done(click)
 
-        self._buffer.add_click(click_id, campaign_id, visitor_id, is_bot, line, buffered)
+        self._buffer.add_click(click_id, campaign_id, visitor_id, is_bot, new_visitor, line,
+                               buffered)
 
     def _click_spooled(self, click_id: str, campaign_id: int, visitor_id: str, is_bot: bool,
                        line: str, location: str, exc: RedisError) -> Click:

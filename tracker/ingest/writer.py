@@ -36,7 +36,7 @@ from ..redis_client import Client, send
 from ..redis_keys import Keys
 from ..storage import rows
 from ..storage import lines
-from .entries import CLICKS, COPIED, COPIES, IMPRESSIONS, SINGLE, counted, pieces, size
+from .entries import CLICKS, IMPRESSIONS, RECENT, SINGLE, counted, fields_of, pieces, size
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ Taken = tuple[int, list[Entry]]  # a shard, and entries read from its stream
 # a refused batch is split that far), its kind (CLICKS, IMPRESSIONS: lines; SINGLE: one JSON
 # event) and its bytes.
 Item = tuple[str, bytes, bytes]
-Copies = dict[bytes, list[bytes]]  # copies hash: the ids of the clicks written
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 # Errors that blame a row's values, not PostgreSQL nor our code: SQLSTATE class 22 (data
@@ -66,11 +65,11 @@ def blames_a_row(exc: BaseException) -> bool:
 # events of each entry acknowledged here first (XACK says 1 once per entry, whoever acks
 # it: a replayed or claimed batch is not taken off twice), and is reset when the stream is
 # empty (a tool's uncounted entries, an entry deleted while pending, cannot leave it off for
-# good); the copies of the clicks written go too (what Redis keeps of a stored click is its
-# uniqueness key alone).
-# KEYS: 1 stream, 2 backlog counter, then copies hashes
-# ARGV: 1 group, 2 E, then E × (entry id, events it added to the backlog), then per copies
-#       hash, in KEYS order: how many ids, the ids
+# good); the entries leave the sets that named them for read-your-writes (PostgreSQL answers
+# for their clicks now: what Redis keeps of a stored click is its uniqueness mark alone).
+# KEYS: 1 stream, 2 backlog counter, then recent sets
+# ARGV: 1 group, 2 E, then E x (entry id, events it added to the backlog), then per recent
+#       set, in KEYS order: how many entry ids, the ids
 ACK_AND_DELETE = """
 local group = ARGV[1]
 local last = 2 + 2 * tonumber(ARGV[2])
@@ -87,7 +86,7 @@ local at = last + 1
 for k = 3, #KEYS do
     local n = tonumber(ARGV[at])
     for i = at + 1, at + n, 4000 do
-        redis.call('HDEL', KEYS[k], unpack(ARGV, i, math.min(i + 3999, at + n)))
+        redis.call('SREM', KEYS[k], unpack(ARGV, i, math.min(i + 3999, at + n)))
     end
     at = at + n + 1
 end
@@ -236,8 +235,8 @@ class BatchWriter:
         if not batch:
             self._held = []
             return 0
-        events, copies = await self.write(batch)
-        await self._ack(self._held, copies)
+        events = await self.write(batch)
+        await self._ack(self._held)
         self._held = []
         return events
 
@@ -415,20 +414,23 @@ class BatchWriter:
             read.append(entries)
         return read
 
-    async def _ack(self, taken: list[Taken], copies: Copies) -> None:
-        # One script per shard, in its slot: its entries acknowledged, deleted and taken off
-        # the backlog, the copies of its clicks written deleted.
+    async def _ack(self, taken: list[Taken]) -> None:
+        # One script per shard, in its slot: its entries acknowledged, deleted, taken off
+        # the backlog and out of the recent sets.
         commands = []
         for shard, entries in taken:
-            hashes = list(dict.fromkeys(f[COPIES] for _, f in entries if COPIES in f))
+            recent: dict[bytes, list[str]] = {}
             args: list[Any] = [self._keys.group, len(entries)]
             for entry_id, fields in entries:
                 args += (entry_id, counted(fields))
-            for name in hashes:
-                ids = copies.get(name, ())
+                named = fields.get(RECENT)
+                if named:
+                    for name in named.split(b","):
+                        recent.setdefault(name, []).append(entry_id)
+            for ids in recent.values():
                 args += (len(ids), *ids)
-            commands.append(("EVALSHA", self._ack_sha, 2 + len(hashes), self._keys.streams[shard],
-                             self._keys.backlog(shard), *hashes, *args))
+            commands.append(("EVALSHA", self._ack_sha, 2 + len(recent), self._keys.streams[shard],
+                             self._keys.backlog(shard), *recent, *args))
         replies = await send(self._redis, commands)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis restarted or was flushed since: load the script, then ack again (acking
@@ -441,12 +443,12 @@ class BatchWriter:
 
     # -- PostgreSQL ------------------------------------------------------------------------
 
-    async def write(self, batch: list[Entry]) -> tuple[int, Copies]:
-        """Store a batch exactly once; (its events, the copies of its clicks, which may go
-        once it is acknowledged). A batch PostgreSQL refuses for its data is split until the
-        refused event stands alone; that one goes to dead_letters."""
+    async def write(self, batch: list[Entry]) -> int:
+        """Store a batch exactly once; how many events it held. A batch PostgreSQL refuses
+        for its data is split until the refused event stands alone; that one goes to
+        dead_letters."""
         started = time.perf_counter()
-        items, copies, count = _items(batch)
+        items, count = _items(batch)
         conn = await self._connection()
         try:
             await self._write_split(conn, items)
@@ -458,7 +460,7 @@ class BatchWriter:
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
         # Stream ids start with the millisecond the event was appended, just before its answer.
         metrics.WRITE_LAG.observe(max(0.0, time.time() - int(batch[0][0].split("-", 1)[0]) / 1000))
-        return count, copies
+        return count
 
     async def _write_split(self, conn: asyncpg.Connection, items: list[Item]) -> None:
         batch = store.Batch()
@@ -599,20 +601,12 @@ class _Stopped(Exception):
 
 
 def _entries(reply: Any) -> list[Entry]:
-    """The entries of one stream's XREADGROUP reply: raw from one server ({stream: [[id,
-    [field, value, ...]], ...]} in RESP3, [[stream, [...]]] in RESP2), parsed ([[stream, [(id,
-    {field: value})]]]) from a Cluster pipeline. An entry deleted while pending reads without
-    fields: skipped."""
+    """The entries of one stream's XREADGROUP reply: raw from one server ({stream: [...]} in
+    RESP3, [[stream, [...]]] in RESP2), parsed ([[stream, [...]]]) from a Cluster pipeline."""
     if not reply:
         return []
-    entries = []
-    for entry_id, fields in (next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]):
-        if not fields:
-            continue
-        if not isinstance(fields, dict):
-            fields = dict(zip(fields[::2], fields[1::2]))
-        entries.append((_s(entry_id), fields))
-    return entries
+    found = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    return [(_s(entry_id), fields) for entry_id, fields in fields_of(found)]
 
 
 def _size(entries: list[Entry]) -> int:
@@ -628,19 +622,15 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _items(batch: list[Entry]) -> tuple[list[Item], Copies, int]:
-    """The pieces of the entries, in order; the copies their clicks have; how many events."""
+def _items(batch: list[Entry]) -> tuple[list[Item], int]:
+    """The pieces of the entries, in order, and how many events they hold."""
     items: list[Item] = []
-    copies: Copies = {}
     count = 0
     for entry_id, fields in batch:
         for kind, raw in pieces(fields):
             items.append((entry_id, kind, raw))
         count += size(fields)
-        hash_, ids = fields.get(COPIES), fields.get(COPIED)
-        if hash_ is not None and ids:
-            copies.setdefault(hash_, []).extend(ids.split(b","))
-    return items, copies, count
+    return items, count
 
 
 def _payload(item: Item) -> str:
