@@ -91,16 +91,27 @@ class Written:
 
 # JSON rows per piece of a COPY: PostgreSQL starts on a piece while the next is built.
 CHUNK = 500
+# Bytes of lines per COPY message.
+PIECE = 1 << 20
 
 
 async def _copy_source(lines: Sequence[tuple[Any, bytes]],
                        events: Sequence[tuple[Any, dict[str, Any]]],
                        build: Callable[..., tuple[Any, ...]],
                        refused: list[tuple[Any, str]]) -> AsyncIterator[bytes]:
-    """COPY's text format: the lines as they are, then the JSON events' rows, CHUNK a piece;
-    the events that can never be stored are set aside in `refused`."""
+    """COPY's text format: the lines as they are, PIECE bytes or so a message (a message per
+    entry woke PostgreSQL a hundred times a batch), then the JSON events' rows, CHUNK a
+    piece; the events that can never be stored are set aside in `refused`."""
+    piece: list[bytes] = []
+    size = 0
     for _, joined in lines:
-        yield joined + b"\n"
+        piece += (joined, b"\n")
+        size += len(joined)
+        if size >= PIECE:
+            yield b"".join(piece)
+            piece, size = [], 0
+    if piece:
+        yield b"".join(piece)
     built: list[str] = []
     for key, event in events:
         try:
