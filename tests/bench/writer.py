@@ -3,9 +3,10 @@
     python -m tests.bench.writer [--events 100000] [--batch 5000]
 
 Uses DATABASE_URL/REDIS_URL when set, else embedded servers. Fills the Redis stream with
-synthetic clicks, then, batch by batch, times one BatchWriter step (XREADGROUP, rows built,
-COPY into clicks, rollups folded, COMMIT, XACK) and right after it bare COPYs of the same
-rows, so that every figure is taken under the same load (this machine is shared):
+synthetic clicks as the hot path buffers them (their lines, --round to an entry, through the
+real script), then, batch by batch, times one BatchWriter step (XREADGROUP, COPY into
+clicks, the rollups folded by PostgreSQL, COMMIT, XACK) and right after it bare COPYs of the
+same rows, so that every figure is taken under the same load (this machine is shared):
 
 - the limit, as this benchmark has always measured it: the rows as a plain program holds
   them (uuid, datetime, address and amount as text, asyncpg's default encoders), COPYed into
@@ -31,12 +32,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from tracker.embedded import servers
 from tracker.ids import new_id
 from tracker.redis_keys import Keys
+from tracker.ingest.buffer import EventBuffer
 from tracker.ingest.writer import BatchWriter
 from tracker.storage import db, partitions, rows
 from tracker.storage.migrations import migrate
@@ -58,7 +59,7 @@ def plain(event: dict[str, Any]) -> tuple[Any, ...]:
     row[0] = uuid.UUID(row[0])
     row[1] = datetime.fromtimestamp((row[0].int >> 80) / 1000, UTC)
     row[2] = int(row[2])
-    row[28], row[29] = row[28] == "t", row[29] == "t"
+    row[28], row[31] = row[28] == "t", row[31] == "t"  # is_bot, is_unique
     return tuple(row)
 
 
@@ -98,10 +99,14 @@ async def measure(args: argparse.Namespace, data: Path) -> None:
         redis = aioredis.Redis.from_url(redis_url)
         keys = Keys(f"w{uuid.uuid4().hex[:8]}:")
         events = synthetic(args.events)
-        async with redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(keys.stream, {"e": orjson.dumps(event)})
-            await pipe.execute()
+        # As the hot path buffers them: lines, a round of them per stream entry, through the
+        # real script.
+        buffer = EventBuffer(redis, keys, click_ttl=600, unique_window=600)
+        for start in range(0, len(events), args.round):
+            await asyncio.gather(*(
+                buffer.record_click(e["id"], e["campaign_id"], e["visitor_id"], e["is_bot"],
+                                    "\t".join(rows.click_row(e, copy=True)[:-1]), True)
+                for e in events[start:start + args.round]))
         plain_rows = [plain(e) for e in events]
         texted_rows = [text(e) for e in events]
         same_table_rows = [plain(e) for e in synthetic(args.events)]
@@ -114,8 +119,8 @@ async def measure(args: argparse.Namespace, data: Path) -> None:
         write = writer.write
 
         async def timed_write(batch: Any) -> None:
-            # The PostgreSQL side of a step (rows built, COPY, fold, COMMIT), apart from the
-            # Redis side (XREADGROUP, XACK).
+            # The PostgreSQL side of a step (COPY, the fold, COMMIT), apart from the Redis
+            # side (XREADGROUP, XACK).
             started = time.perf_counter()
             await write(batch)
             times["write"] += time.perf_counter() - started
@@ -138,7 +143,7 @@ async def measure(args: argparse.Namespace, data: Path) -> None:
             await texted.execute("TRUNCATE copy_limit")
         written = await conn.fetchval("SELECT count(*) FROM clicks WHERE id = ANY($1::uuid[])",
                                       [r[0] for r in plain_rows[:1000]])
-        await redis.delete(keys.stream)
+        await redis.delete(keys.stream, keys.backlog(0))
         # Synthetic campaigns have negative ids: take their rows away again.
         await conn.execute("DELETE FROM clicks WHERE campaign_id < 0")
         await conn.execute("DELETE FROM rollup_15m WHERE campaign_id < 0")
@@ -151,11 +156,11 @@ async def measure(args: argparse.Namespace, data: Path) -> None:
     for key, name in (("plain", "plain COPY into an unindexed temp table (the limit)"),
                       ("texted", "the same, rows as the writer sends them (text COPY)"),
                       ("clicks", "plain COPY into clicks itself (partitioned, indexed, logged)"),
-                      ("writer", "batch writer: stream → rows → COPY + rollups → XACK")):
+                      ("writer", "batch writer: stream → COPY, rollups folded → XACK")):
         print(f"{name:<66} {rate[key]:>10.0f} {rate[key] / rate['plain']:>8.2f}")
     print(f"batch writer × the writer's own COPY: {rate['writer'] / rate['texted']:.2f}; "
           f"× the COPY into clicks: {rate['writer'] / rate['clicks']:.2f}")
-    print(f"of a writer step, write() (rows, COPY, fold, COMMIT) took "
+    print(f"of a writer step, write() (COPY, fold, COMMIT) took "
           f"{times['write'] / times['writer']:.0%}, the Redis side the rest; write() alone "
           f"{rate['write'] / rate['plain']:.2f} × the limit")
     print(f"(spot check: {written}/1000 sampled events found in clicks)")
@@ -165,6 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--round", type=int, default=32,
+                        help="events per stream entry (a round of the hot path)")
     asyncio.run(run(parser.parse_args()))
 
 
