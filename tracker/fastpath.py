@@ -586,8 +586,9 @@ class FastProtocol(asyncio.Protocol):
         body = answer.body
         # The head's text is joined and encoded once: a part per header cost more than the
         # rest of writing the answer.
-        lines = [f"{name}: {value}\r\n" for name, value in answer.headers
-                 if "\r" not in value and "\n" not in value]  # never let a value split the head
+        lines = [answer.head] if answer.head is not None else [
+            f"{name}: {value}\r\n" for name, value in answer.headers
+            if "\r" not in value and "\n" not in value]  # never let a value split the head
         if answer.content_type:
             lines.insert(0, f"Content-Type: {answer.content_type}\r\n")
         if not keep_alive:
