@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 # ARGV: 1 recent sets' TTL (s), 2 now (ms), 3 window (ms), 4 when the current window's hash
 #       may go (unix ms), 5 R, 6 the recent sets' names (the entry's `k`), 7 campaigns, then
 #       per campaign: U returning clicks, N new visitors, U x (visitor, line without its
-#       is_unique), N x visitor; then C and C whole click lines (new visitors', bots'),
-#       then I and I impression lines
+#       is_unique), N x visitor; then C and the C whole click lines (new visitors', bots')
+#       joined by newlines, then I and the I impression lines so joined (one argument each:
+#       an argument per line cost Redis a string each, twice)
 # Returns 1 or 0 for each returning click, in order: unique or not. A visitor's second click
 # in the same call is not unique.
 RECORD_EVENTS = r"""
@@ -97,20 +98,20 @@ for _ = 1, tonumber(ARGV[7]) do
     if #marks > 0 then marking[#marking + 1] = {cur, marks} end
 end
 local whole = tonumber(ARGV[a])
-for i = a + 1, a + whole do clicks[#clicks + 1] = ARGV[i] end
-a = a + whole + 1
-local impressions = tonumber(ARGV[a])
-local fields = {'n', #clicks + impressions}
-if #clicks > 0 then
+if whole > 0 then clicks[#clicks + 1] = ARGV[a + 1] end
+local count = #out + whole
+local impressions = tonumber(ARGV[a + 2])
+local fields = {'n', count + impressions}
+if count > 0 then
     fields[3], fields[4] = 'c', table.concat(clicks, '\n')
     fields[5], fields[6] = 'k', ARGV[6]
 end
 if impressions > 0 then
     fields[#fields + 1] = 'i'
-    fields[#fields + 1] = table.concat(ARGV, '\n', a + 1, a + impressions)
+    fields[#fields + 1] = ARGV[a + 3]
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-redis.call('INCRBY', KEYS[2], #clicks + impressions)
+redis.call('INCRBY', KEYS[2], count + impressions)
 for i = 3, 2 + recent do
     redis.call('SADD', KEYS[i], id)
     redis.call('EXPIRE', KEYS[i], ARGV[1])
@@ -189,7 +190,8 @@ class _Call:
             for visitor, line, _ in returning:
                 args += (visitor, line)
             args += new
-        args += (len(self.whole), *self.whole, len(self.impressions), *self.impressions)
+        args += (len(self.whole), "\n".join(self.whole),
+                 len(self.impressions), "\n".join(self.impressions))
         return ("EVALSHA", sha, len(names), *names, *args)
 
     def deliver(self, result: Any) -> None:
