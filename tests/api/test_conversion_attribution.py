@@ -3,6 +3,7 @@ conversion, each with its credit."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 from ..conftest import Running, flush
@@ -18,6 +19,9 @@ async def test_a_visitors_clicks_share_the_credit(quiet_service: Running) -> Non
     for slug in ("mt1", "mt2", "mt1"):
         r = await s.click(slug, "pub=p", headers={"Cookie": f"tv={visitor}"})
         clicks.append(click_id_of(r.headers["Location"]))
+        # Touches are ordered by time: two clicks in one millisecond have no order (their ids
+        # are random within it, as unguessable ids must be).
+        await asyncio.sleep(0.002)
     other = await s.click("mt1", "pub=p")  # another visitor: not a touch
     await flush(s)
     status, body = await postback(s, f"click_id={clicks[-1]}&amount=10")

@@ -20,6 +20,29 @@ from ..conftest import Running
 from .test_writer import ROLLED, RECOUNT, assorted, counts, writer_for
 
 
+# The campaign rollups of every grain must equal the 15-minute rollups regrouped.
+REGROUPED = """
+SELECT g.grain, date_bin(g.step, r.bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+       r.campaign_id, sum(r.impressions), sum(r.bot_impressions), sum(r.clicks),
+       sum(r.unique_clicks), sum(r.bot_clicks), sum(r.cost)
+FROM rollup_15m r, (VALUES ('15m', interval '15 minutes'), ('1h', interval '1 hour'),
+                           ('1d', interval '1 day')) AS g (grain, step)
+GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+CAMPAIGNS = """
+SELECT grain, bucket, campaign_id, impressions, bot_impressions, clicks, unique_clicks,
+       bot_clicks, cost
+FROM (SELECT '15m' AS grain, * FROM rollup_campaign_15m UNION ALL
+      SELECT '1h', * FROM rollup_campaign_1h UNION ALL
+      SELECT '1d', * FROM rollup_campaign_1d) AS c
+WHERE clicks <> 0 OR impressions <> 0 OR bot_clicks <> 0 OR bot_impressions <> 0
+ORDER BY 1, 2, 3"""
+
+
+async def campaign_rollups_agree(pg: asyncpg.Connection) -> bool:
+    regrouped = [tuple(r) for r in await pg.fetch(REGROUPED)]
+    return bool(regrouped) and regrouped == [tuple(r) for r in await pg.fetch(CAMPAIGNS)]
+
+
 def _line(event: dict[str, Any]) -> str:
     if event["type"] == "click":
         return "\t".join(rows.click_row({**event, "is_unique": False}, copy=True)[:-1])
@@ -56,10 +79,12 @@ async def test_lines_are_stored_and_folded_once_even_when_replayed(
         assert recent
         # The writer died after COMMIT, before XACK: the same entries come again, whole and
         # in part; nothing is stored or counted twice.
+        assert await campaign_rollups_agree(pg)
         await writer.write(batch)
         await writer.write(batch[:1])
         assert await counts(pg) == (60, 60, 60, 60)
         assert [tuple(r) for r in await pg.fetch(ROLLED)] == recount
+        assert await campaign_rollups_agree(pg)
         # Acknowledged: out of the stream, the backlog and the sets that named the entries.
         await writer._ack(taken)
         for shard, stream in enumerate(keys.streams):
@@ -102,3 +127,17 @@ async def test_a_line_postgresql_refuses_goes_alone_to_dead_letters(
         assert '"sub1":"bad"' in dead["payload"] and '"ip":"999.1.2.3"' in dead["payload"]
     finally:
         await redis.aclose()
+
+
+async def test_a_change_to_the_rollups_outside_the_writer_reaches_the_campaign_rollups(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """A tool's (or an operator's) insert, update and delete of 15-minute rows are carried
+    over to the campaign rollups by 007's triggers, as ever; only the writer's own fold
+    does that itself."""
+    c = (await quiet_service.create_campaign(slug="manual"))["id"]
+    await pg.execute("INSERT INTO rollup_15m (bucket, campaign_id, pub, clicks, cost) VALUES "
+                     "('2026-01-01 10:15+00', $1, 'a', 3, 0.3), ('2026-01-01 11:45+00', $1, 'b', 2, 0.2)", c)
+    await pg.execute("UPDATE rollup_15m SET clicks = clicks + 5 WHERE pub = 'a'")
+    await pg.execute("DELETE FROM rollup_15m WHERE pub = 'b'")
+    assert await campaign_rollups_agree(pg)
+    assert await pg.fetchval("SELECT clicks FROM rollup_campaign_1d WHERE campaign_id = $1", c) == 8

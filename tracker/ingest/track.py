@@ -86,13 +86,12 @@ class RequestTracker:
         new_visitor = visitor_id != hit.visitor_cookie  # made for this click: unique
         click_id = self._buffer.stamp(new_id_text(), campaign.id, visitor_id)
         _, location = self.location(campaign, params, click_id)
-        visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
-        is_bot = visitor.is_bot
+        ip, country, device, is_bot, user_agent = visitor_of(
+            hit, self._agents, self._countries, self._proxy_hops)
         campaign_id = campaign.id
-        line = click_line(click_id, campaign_id, visitor_id, params, visitor.ip, visitor.country,
-                          visitor.device, visitor.user_agent,
-                          clean_header(hit.referer, MAX_REFERER), is_bot, location,
-                          "0" if is_bot else campaign.click_cost)
+        line = click_line(click_id, campaign_id, visitor_id, params, ip, country, device,
+                          user_agent, clean_header(hit.referer, MAX_REFERER) if hit.referer else "",
+                          is_bot, location, "0" if is_bot else campaign.click_cost)
 
         def buffered(unique: Any) -> None:
             try:
@@ -130,11 +129,11 @@ class RequestTracker:
                    done: Callable[[], None]) -> None:
         """Record an impression; `done` is called once the buffer (or the spool) took it, or
         it was lost (counted)."""
-        visitor = visitor_of(hit, self._agents, self._countries, self._proxy_hops)
-        is_bot = visitor.is_bot
+        ip, country, device, is_bot, user_agent = visitor_of(
+            hit, self._agents, self._countries, self._proxy_hops)
         impression_id, campaign_id, visitor_id = new_id_text(), campaign.id, self.visitor_id(hit)
-        line = impression_line(impression_id, campaign_id, visitor_id, params, visitor.ip,
-                               visitor.country, visitor.device, visitor.user_agent, is_bot,
+        line = impression_line(impression_id, campaign_id, visitor_id, params, ip, country,
+                               device, user_agent, is_bot,
                                "0" if is_bot else campaign.impression_cost)
 
         def buffered(result: Any) -> None:

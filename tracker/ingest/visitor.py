@@ -115,6 +115,8 @@ class Countries:
 
             self._reader = maxminddb.open_database(mmdb_path)
         self.header = header
+        # Whether any source of countries is set up (none: every country is "").
+        self.configured = bool(mmdb_path or header)
 
     def lookup(self, hit: Hit, address: str) -> str:
         if self._reader is not None and address:
@@ -139,22 +141,13 @@ class Countries:
             self._reader.close()
 
 
-@dataclass(slots=True)
-class Visitor:
-    ip: str | None      # masked
-    country: str
-    device: str
-    is_bot: bool
-    user_agent: str
+# (masked address or None, country, device, is_bot, user agent as stored): a tuple, not an
+# object: one is made per request.
+Visitor = tuple[str | None, str, str, bool, str]
 
 
 def visitor_of(hit: Hit, agents: UserAgents, countries: Countries, proxy_hops: int) -> Visitor:
-    address = client_ip(hit, proxy_hops)
+    address = client_ip(hit, proxy_hops) if proxy_hops else hit.peer
     user_agent, is_bot, device = agents.facts(hit.user_agent)
-    return Visitor(
-        ip=mask_ip(address) if address else None,
-        country=countries.lookup(hit, address),
-        device=device,
-        is_bot=is_bot,
-        user_agent=user_agent,
-    )
+    country = countries.lookup(hit, address) if countries.configured else ""
+    return mask_ip(address) if address else None, country, device, is_bot, user_agent
