@@ -72,8 +72,10 @@ class Settings:
     # Batch writer: up to batch_size events, or whatever arrived within batch_wait_ms.
     batch_size: int = 5000
     batch_wait_ms: int = 100
-    # Under load (a read of 32+ events), wait this long for a fuller batch before writing.
-    batch_linger_ms: int = 50
+    # Under load (a read of 32+ events), wait this long for a fuller batch before writing:
+    # each transaction costs PostgreSQL about 1 ms besides its rows (measured: 12 us a row in
+    # batches of 500, 9.5 in batches of 2,000), so the busier, the fuller.
+    batch_linger_ms: int = 150
     # A writer that has not said it is alive for this long is dead: its pending events are
     # claimed by a live one. A live writer's batch is never taken, however long it takes.
     claim_idle_ms: int = 10_000
@@ -143,7 +145,7 @@ class Settings:
             redis_shards=_shards(env),
             batch_size=_int(env, "TRACKER_BATCH_SIZE", 5000, minimum=1),
             batch_wait_ms=_int(env, "TRACKER_BATCH_WAIT_MS", 100, minimum=1),
-            batch_linger_ms=_int(env, "TRACKER_BATCH_LINGER_MS", 50),
+            batch_linger_ms=_int(env, "TRACKER_BATCH_LINGER_MS", 150),
             claim_idle_ms=_int(env, "TRACKER_CLAIM_IDLE_MS", 10_000, minimum=100),
             campaign_refresh_seconds=_int(env, "TRACKER_CAMPAIGN_REFRESH_SECONDS", 5, minimum=1),
             click_cache_ttl=_int(env, "TRACKER_CLICK_CACHE_TTL", 3600, minimum=60),
