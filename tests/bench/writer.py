@@ -118,12 +118,13 @@ async def measure(args: argparse.Namespace, data: Path) -> None:
         times = {"writer": 0.0, "plain": 0.0, "texted": 0.0, "clicks": 0.0, "write": 0.0}
         write = writer.write
 
-        async def timed_write(batch: Any) -> None:
+        async def timed_write(batch: Any) -> int:
             # The PostgreSQL side of a step (COPY, the fold, COMMIT), apart from the Redis
             # side (XREADGROUP, XACK).
             started = time.perf_counter()
-            await write(batch)
+            written = await write(batch)
             times["write"] += time.perf_counter() - started
+            return written
 
         writer.write = timed_write  # type: ignore[method-assign]
         done = 0
