@@ -121,8 +121,11 @@ async def of_click(app: web.Application, click_id: str) -> list[dict[str, Any]]:
     """Every conversion of a click, oldest first, as the click lookup shows them."""
     ulid = parse_id(click_id)
     assert ulid is not None
-    rows = {uuid_to_id(r["id"]): r for r in await store.of_click(app[PG], id_uuid(ulid))}
-    recent = {c["event"]["id"]: c for c in (await _recent(app, click_id)).values()}
+    # PostgreSQL's rows and Redis's states asked at once: the lookup waits for the slower.
+    stored, held = await asyncio.gather(store.of_click(app[PG], id_uuid(ulid)),
+                                        _recent(app, click_id))
+    rows = {uuid_to_id(r["id"]): r for r in stored}
+    recent = {c["event"]["id"]: c for c in held.values()}
     views = [await _merged(app, rows.get(cid), recent.get(cid), with_history=True)
              for cid in rows.keys() | recent.keys()]
     return sorted(views, key=lambda v: (v["time"], v["conversion_id"]))
