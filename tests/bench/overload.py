@@ -10,8 +10,8 @@ REDIS_URL's (own key prefix) or an embedded one. Runs `tracker serve` with 2 wor
 /c/{slug} with wrk (-t1 -c64) for before + outage + after seconds, stops PostgreSQL
 (`pg_ctl stop -m fast`) `before` seconds in and starts it again `outage` seconds later, then
 waits for the backlog to drain. Every second it samples each worker's RSS (psutil) and the
-stream's length. Prints the max RSS per worker, the backlog's peak, the drain time, and
-whether every click wrk saw answered 302 is in PostgreSQL (and in the rollups). Exit status 1
+backlog (the events its counter holds). Prints the max RSS per worker, the backlog's peak,
+the drain time, and whether every click wrk saw answered 302 is in PostgreSQL (and in the rollups). Exit status 1
 when one is missing. Needs `wrk`.
 """
 
@@ -98,6 +98,7 @@ class Sampler:
         self.serve = serve
         self.redis = redis
         self.stream = stream
+        self.counter = stream.removesuffix("events") + "backlog"
         self.base = base
         self.rss: dict[int, list[tuple[float, int]]] = {}
         self.backlog: list[tuple[float, int]] = []
@@ -117,7 +118,9 @@ class Sampler:
                                 self.rss.setdefault(child.pid, []).append(
                                     (now, child.memory_info().rss))
                 with contextlib.suppress(Exception):
-                    self.backlog.append((now, int(await self.redis.xlen(self.stream))))
+                    # Events, not entries (an entry holds a round's events): the counter the
+                    # scripts keep beside the stream.
+                    self.backlog.append((now, int(await self.redis.get(self.counter) or 0)))
                 with contextlib.suppress(Exception):
                     async with http.get(f"{self.base}/readyz") as r:
                         body = await r.json()
