@@ -53,7 +53,7 @@ TOKEN = "bench"
 # first 48 bits are its millisecond, the rest random, as tracker.ids.new_id makes them).
 # Skewed choices (random()^k) give a few big campaigns, publishers and countries and a long
 # tail, as real traffic has. Bots are 5% and cost nothing; a click is unique 60% of the time.
-# The fold sums what the batch writer's fold sums (sql/010), for clicks alone; the campaign
+# The fold sums what the batch writer's fold sums (sql/008), for clicks alone; the campaign
 # rollups follow from rollup_15m by its triggers (sql/007).
 GENERATE_DAY = """
 WITH new_clicks AS (
