@@ -20,9 +20,10 @@ class Keys:
     Sharded (Redis Cluster, or TRACKER_REDIS_SHARDS > 1), the events are spread over
     `shards` streams, and every key one script touches carries its shard's hash tag
     (`prefix{n}...`), so that each script runs in one slot. A visit's shard is a hash of
-    (campaign, visitor): its uniqueness key, its stream and its click's copy share a slot. A
-    click id spells its shard in its last two characters, so a lookup by id finds the copy,
-    and a postback the conversion keys, without asking anyone. Unsharded, the names are those
+    (campaign, visitor): its campaign's uniqueness marks, its stream and the set that finds
+    its click before it is committed share a slot. A click id spells its shard in its last
+    two characters, so a lookup by id finds the recent click, and a postback the conversion
+    keys, without asking anyone. Unsharded, the names are those
     of a single Redis (no tag, one stream).
     """
 

@@ -116,12 +116,13 @@ class ConversionRecorder:
         click_id = ask.click_id.upper()
         field = state_field(ask.event, ask.txid)
         states_key = self._keys.conversions(click_id)
-        # One round trip for everything Redis may know.
-        copy, (version_raw, event_raw), since = await asyncio.gather(
+        # Everything Redis may know, at once (the click's line takes a second round when its
+        # entry is still in the stream).
+        line, (version_raw, event_raw), since = await asyncio.gather(
             self._buffer.recent_line(click_id),
             self._buffer.call("HMGET", states_key, f"v:{field}", f"e:{field}"),
             self._buffer.call("GET", self._keys.conversions_since(click_id)))
-        click = await self._click(click_value, copy)
+        click = await self._click(click_value, line)
         campaign = await self._campaigns.by_id(int(click["campaign_id"]))
         if campaign is None:
             raise unknown_click()
@@ -177,9 +178,9 @@ class ConversionRecorder:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _click(self, click_value: int, copy: bytes | None) -> dict[str, Any]:
-        if copy is not None:
-            return lines.click_event(copy)
+    async def _click(self, click_value: int, line: bytes | None) -> dict[str, Any]:
+        if line is not None:
+            return lines.click_event(line)
         ts = datetime.fromtimestamp((click_value >> 80) / 1000, UTC)
         row = await self._click_reads.get(UUID(int=click_value), ts)
         if row is None:

@@ -22,7 +22,7 @@ from ..storage import clicks as store
 from .common import json_response
 from .conversions import of_click
 
-# A click's read-your-writes copy lives in Redis at most TRACKER_CLICK_CACHE_TTL after the
+# A click is found in Redis's stream (read-your-writes) at most TRACKER_CLICK_CACHE_TTL after the
 # time in its id (plus this, for clocks): an older click is asked of PostgreSQL alone, and of
 # Redis only when PostgreSQL does not have it.
 COPY_MARGIN = timedelta(minutes=5)
@@ -54,7 +54,7 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
         raise bad_request("invalid_click_id", "click_id must be a 26-character ULID", "click_id")
     click_id = str(ulid)
     when = id_time(ulid)
-    # Redis's copy (a click not yet in PostgreSQL), PostgreSQL's row and the conversions are
+    # Redis's line (a click not yet in PostgreSQL), PostgreSQL's row and the conversions are
     # asked for at once: a lookup waits for the slowest round trip, not for their sum. The
     # row is read even when Redis has the click (one wasted index probe for a recent click).
     fresh = datetime.now(UTC) - when <= timedelta(
@@ -69,7 +69,7 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
                                                store.get(app[PG], id_uuid(ulid), when),
                                                return_exceptions=True)
             if recent is None and row is None:
-                # The writer deletes the copy only after the row's commit: a copy missing
+                # The writer drops the click's entry only after the row's commit: a line missing
                 # when Redis answered means a commit the row's read may have started before.
                 row = await store.get(app[PG], id_uuid(ulid), when)
         else:
@@ -78,7 +78,7 @@ async def click_view(app: web.Application, raw: str, *, with_conversions: bool) 
                 # Still waiting in the spool, or Redis away: a 503, not a wrong 404.
                 recent = await _recent(app, click_id)
         if isinstance(recent, dict):
-            # The copy names its campaign by id, as the row does before its join.
+            # The line names its campaign by id, as the row does before its join.
             campaign = await app[CAMPAIGNS].by_id(int(recent["campaign_id"]))
             recent["campaign"] = campaign.slug if campaign is not None else None
             body = _view(click_id, when, recent)

@@ -33,7 +33,7 @@ async def get(pool: asyncpg.Pool, click_uuid: UUID, ts: datetime) -> asyncpg.Rec
 class ClickReads:
     """Clicks read by id, the reads of one event-loop tick in one query.
 
-    Postbacks for clicks already committed read them here (their Redis copy is gone): one
+    Postbacks for clicks already committed read them here (their stream entry is gone): one
     query per click cost PostgreSQL a plan over the partitioned table each, and a round trip
     through the pool; a tick's worth shares both."""
 

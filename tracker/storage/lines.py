@@ -4,8 +4,8 @@ The hot path writes each event into the stream as its row in COPY's text format 
 values, `\\N` for NULL, backslash escapes), in the column order below: the writer sends a
 round's lines to PostgreSQL as they came, and PostgreSQL's input functions (in C) parse the
 id, the time, the address and the amount. A click's line ends with is_unique, which the
-Redis script appends once it knows (ingest/buffer.py); its read-your-writes copy is the same
-line. The readers of a line (a lookup, a postback, the replayed road, dead letters) turn it
+Redis script appends once it knows (ingest/buffer.py); read-your-writes finds the same line
+in its stream entry. The readers of a line (a lookup, a postback, the replayed road, dead letters) turn it
 back into the event's fields here.
 
 Values are checked where they are made (ingest/params.py refuses control characters,
