@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -260,6 +261,35 @@ async def test_a_live_writer_waiting_out_postgres_keeps_its_batch(
         busy.stop()
         await asyncio.wait_for(task, 10)
         await busy.close()
+        await redis.aclose()
+
+
+async def test_drains_beside_the_running_writer_store_every_event_once(
+        quiet_service: Running, pg: asyncpg.Connection) -> None:
+    """drain() while run() writes (a test's flush, a shutdown racing a batch): one step at a
+    time, so no batch is read over another's, no connection is shared mid-transaction, and
+    when a drain returns what was buffered before it is stored."""
+    s = quiet_service
+    c = await s.create_campaign(slug="drains")
+    redis = aioredis.Redis.from_url(s.settings.redis_url)
+    keys = keys_for(s.settings)
+    writer = writer_for(s.settings, redis, batch_size=20)
+    task = asyncio.create_task(writer.run())
+    try:
+        total = 0
+        for round_ in range(5):
+            await add(redis, s.settings, [click(c["id"], datetime.now(UTC), sub1=f"{round_}-{i}")
+                                          for i in range(60)])
+            total += 60
+            await asyncio.gather(*(writer.drain(time.monotonic() + 30)
+                                   for _ in range(3)))
+            assert await pg.fetchval("SELECT count(*) FROM clicks") == total
+        assert await counts(pg) == (total, 0, total, 0)
+        assert (await redis.xpending(keys.stream, keys.group))["pending"] == 0
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 10)
+        await writer.close()
         await redis.aclose()
 
 

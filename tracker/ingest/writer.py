@@ -1,8 +1,9 @@
 """The batch writer: Redis Stream → PostgreSQL, exactly once.
 
-XREADGROUP up to N events (or what came within T ms) → one transaction that COPYs them in,
-inserts what is new and folds it into rollups → COMMIT → XACK + XDEL, and the committed
-clicks' Redis copies deleted (PostgreSQL answers for them now). A crash anywhere before the
+XREADGROUP about N events (or what came within T ms; an entry holds a round of the hot
+path's events) → one transaction that COPYs them in, inserts what is new and folds it into
+rollups → COMMIT → XACK + XDEL, the entries out of the sets that found their clicks for
+read-your-writes (PostgreSQL answers for them now). A crash anywhere before the
 XACK leaves the entries pending; this writer retries them, the next worker of its slot reads
 them at start, or, once its heartbeat has expired, another writer claims them; the replay
 inserts nothing twice. Knows nothing of HTTP.
@@ -144,6 +145,9 @@ class BatchWriter:
         self._shards = range(keys.shards)
         # Entries read but not yet committed: retried before anything new is read.
         self._held: list[Taken] = []
+        # One step at a time: a drain() beside run() (a test's flush, an operator's) must not
+        # read over the held batch nor share the connection mid-transaction.
+        self._stepping = asyncio.Lock()
         # Events per entry in what was read lately (see _entries_for); a guess to start with,
         # low enough that a first read under load stays a batch's worth.
         self._per_entry = 16.0
@@ -228,6 +232,10 @@ class BatchWriter:
 
     async def step(self, block: bool = True) -> int:
         """Read one batch (held, claimed or new), write it, ack it; return its size."""
+        async with self._stepping:
+            return await self._step(block)
+
+    async def _step(self, block: bool) -> int:
         now = time.monotonic()
         if not self._held:
             self._held = await self._take(now, block)
