@@ -76,6 +76,40 @@ def per_unit(total: Decimal, units: Decimal | int) -> str | None:
     return to_str((total / Decimal(units)).quantize(Decimal(1).scaleb(-EVENT_PLACES)))
 
 
+def nanos(text: str) -> int:
+    """An amount PostgreSQL wrote as numeric(_, 9) text ("1069.050000000"), in whole units of
+    10^-9. Reports sum thousands of rows: integers are exact, and many times faster to read
+    and to write out than Decimal (asyncpg makes a Decimal of a numeric through its text)."""
+    whole, _, part = text.partition(".")
+    if len(part) != EVENT_PLACES:
+        raise ValueError(f"not an amount with {EVENT_PLACES} places: {text!r}")
+    return int(whole + part)
+
+
+_NANO = 10 ** EVENT_PLACES
+
+
+def nanos_to_str(units: int) -> str:
+    """to_str of units × 10^-9."""
+    sign = ""
+    if units < 0:
+        sign, units = "-", -units
+    whole, part = divmod(units, _NANO)
+    if not part:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{str(_NANO + part)[1:].rstrip('0')}"
+
+
+def nanos_per_unit(units: int, count: int) -> str | None:
+    """per_unit of units × 10^-9 over `count`, rounded as per_unit rounds (half to even)."""
+    if not count:
+        return None
+    quotient, remainder = divmod(abs(units), abs(count))
+    if 2 * remainder > abs(count) or (2 * remainder == abs(count) and quotient % 2):
+        quotient += 1
+    return nanos_to_str(-quotient if (units < 0) != (count < 0) else quotient)
+
+
 def currency(value: object) -> str | None:
     """The upper-case ISO 4217 code `value` spells (any case), or None when it is not one."""
     if not isinstance(value, str) or len(value) != 3 or not value.isalpha():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tracker import money
 
@@ -47,3 +49,31 @@ def test_per_mille_is_exact_and_written_plainly() -> None:
 def test_per_unit() -> None:
     assert money.per_unit(Decimal("1"), 3) == "0.333333333"
     assert money.per_unit(Decimal("1"), 0) is None
+
+
+# What a report's sums can be: sums of numeric(21, 9), as PostgreSQL writes numeric(38, 9).
+amounts = st.one_of(
+    st.decimals(min_value=-10**15, max_value=10**15, places=9, allow_nan=False,
+                allow_infinity=False),
+    st.sampled_from([Decimal("0"), Decimal("-0.000"), Decimal("1E+11"), Decimal("0.000000001"),
+                     Decimal("0.000000005"), Decimal("0.000000015"), Decimal("-2.5")]))
+
+
+@given(amounts, st.integers(min_value=-3, max_value=10**12))
+def test_nano_figures_equal_decimal_ones(amount: Decimal, count: int) -> None:
+    """The reports' integer money (fast) writes what Decimal writes, to the last digit, ties
+    rounded to even alike."""
+    text = format(amount.quantize(Decimal("1E-9")), "f")
+    if text.startswith("-") and not amount:
+        text = text[1:]  # PostgreSQL has no negative zero
+    units = money.nanos(text)
+    assert Decimal(units).scaleb(-9) == amount
+    assert money.nanos_to_str(units) == money.to_str(amount)
+    assert money.nanos_per_unit(units, count) == money.per_unit(amount, count)
+
+
+def test_nanos_refuses_text_of_another_scale() -> None:
+    assert money.nanos("12.500000000") == 12_500_000_000
+    assert money.nanos("-0.000000001") == -1
+    with pytest.raises(ValueError):
+        money.nanos("12.5")

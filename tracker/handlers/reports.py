@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -18,9 +17,11 @@ from .common import json_response
 
 BUCKET = timedelta(minutes=15)
 MAX_RANGE = timedelta(days=3660)
-COUNTS = ("impressions", "clicks", "unique_clicks", "bot_clicks", "conversions",
-          "pending_conversions")
-AMOUNTS = ("cost", "revenue", "pending_revenue")
+# The sums a report's record holds after its keys, in order (storage.reports.SUMS), and which
+# of them are amounts (numeric text).
+SUMS = store.NAMES
+CLICKS = SUMS.index("clicks")
+AMOUNTS = frozenset(i for i, name in enumerate(SUMS) if name in store.AMOUNTS)
 
 
 def _zone(raw: str) -> ZoneInfo:
@@ -55,34 +56,36 @@ def _floor(when: datetime) -> datetime:
     return epoch + ((when - epoch) // BUCKET) * BUCKET
 
 
-def _ratio(num: Decimal | int, den: Decimal | int) -> float | None:
-    return None if not den else round(float(Decimal(num) / Decimal(den)), 6)
+def _ratio(num: int, den: int) -> float | None:
+    # Python divides whole numbers correctly rounded: the figure Decimal's division gives.
+    return None if not den else round(num / den, 6)
 
 
-def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
-    impressions, clicks = sums["impressions"], sums["clicks"]
-    cost: Decimal = sums["cost"]
-    conversions = sums["conversions"]
-    revenue: Decimal = sums["revenue"]
-    return {
-        "impressions": impressions,
-        "clicks": clicks,
-        "unique_clicks": sums["unique_clicks"],
-        "bot_clicks": sums["bot_clicks"],
-        "conversions": conversions,
-        "pending_conversions": sums["pending_conversions"],
-        "revenue": money.to_str(revenue),
-        "pending_revenue": money.to_str(sums["pending_revenue"]),
-        "cost": money.to_str(cost),
-        "profit": money.to_str(revenue - cost),
-        "ctr": _ratio(clicks, impressions),
-        "cr": _ratio(conversions, clicks),
-        "epc": money.per_unit(revenue, clicks),
-        "cpc": money.per_unit(cost, clicks),
-        "cpa": money.per_unit(cost, conversions),
-        "roi": _ratio(revenue - cost, cost),
-        "roas": _ratio(revenue, cost),
-    }
+def metrics_of(row: dict[str, Any], impressions: int, clicks: int, unique_clicks: int,
+               bot_clicks: int, cost: int, conversions: int, revenue: int,
+               pending_conversions: int, pending_revenue: int) -> dict[str, Any]:
+    """Puts a row's figures into it, from its sums (the order of storage.reports.SUMS; money
+    in whole units of 10^-9, money.nanos). A report by campaign and day has 6,000 rows."""
+    row.update(
+        impressions=impressions,
+        clicks=clicks,
+        unique_clicks=unique_clicks,
+        bot_clicks=bot_clicks,
+        conversions=conversions,
+        pending_conversions=pending_conversions,
+        revenue=money.nanos_to_str(revenue),
+        pending_revenue=money.nanos_to_str(pending_revenue),
+        cost=money.nanos_to_str(cost),
+        profit=money.nanos_to_str(revenue - cost),
+        ctr=_ratio(clicks, impressions),
+        cr=_ratio(conversions, clicks),
+        epc=money.nanos_per_unit(revenue, clicks),
+        cpc=money.nanos_per_unit(cost, clicks),
+        cpa=money.nanos_per_unit(cost, conversions),
+        roi=_ratio(revenue - cost, cost),
+        roas=_ratio(revenue, cost),
+    )
+    return row
 
 
 def _group_by(request: web.Request) -> tuple[str, ...]:
@@ -129,27 +132,30 @@ async def get(request: web.Request) -> web.Response:
     if not await store.zone_known(pool, tz_name):
         raise bad_request("invalid_tz", f"tz {tz_name!r} is not known to the database", "tz")
     query = store.ReportQuery(start, end, tz_name, group_by, campaign_ids, pub, date_basis)
-    records = [dict(r) for r in await store.run(pool, query)] if campaign_ids != [] else []
+    records = await store.run(pool, query) if campaign_ids != [] else []
     names = {}
     if "campaign" in group_by and records:
         names = await campaign_store.labels(pool, sorted({r["campaign"] for r in records}))
     rows = []
-    totals: dict[str, Any] = {k: 0 for k in COUNTS} | {k: Decimal(0) for k in AMOUNTS}
+    totals = [0] * len(SUMS)
     currencies: set[str | None] = set()
+    keys = len(group_by)
     for record in records:
-        if all(record[k] is None for k in COUNTS):
+        if record[keys + CLICKS] is None:
             continue  # no bucket matched: an ungrouped sum over nothing
-        sums = ({k: int(record[k] or 0) for k in COUNTS}
-                | {k: record[k] or Decimal(0) for k in AMOUNTS})
-        for k in totals:
-            totals[k] += sums[k]
+        sums = [money.nanos(v) if i in AMOUNTS else v
+                for i, v in enumerate(record[keys:keys + len(SUMS)])]
+        for i, value in enumerate(sums):
+            totals[i] += value
         currency = record["currency"].strip() if record["currency"] else None
         currencies.add(currency)
         row: dict[str, Any] = {}
         for g in group_by:
-            row |= _key(g, record[g], zone, names)
+            _key(row, g, record[g], zone, names)
+        metrics_of(row, *sums)
         # The money of a row is in its campaigns' currency; null when they differ.
-        rows.append(row | metrics_of(sums) | {"currency": currency})
+        row["currency"] = currency
+        rows.append(row)
     return json_response({
         "from": start.isoformat().replace("+00:00", "Z"),
         "to": end.isoformat().replace("+00:00", "Z"),
@@ -157,20 +163,21 @@ async def get(request: web.Request) -> web.Response:
         "group_by": list(group_by),
         "date_basis": date_basis,
         "rows": rows,
-        "totals": metrics_of(totals) | {
+        "totals": metrics_of({}, *totals) | {
             "currency": next(iter(currencies)) if len(currencies) == 1 else None},
     })
 
 
-def _key(group: str, value: Any, zone: ZoneInfo,
-         names: dict[int, tuple[str, str, str]]) -> dict[str, Any]:
+def _key(row: dict[str, Any], group: str, value: Any, zone: ZoneInfo,
+         names: dict[int, tuple[str, str, str]]) -> None:
+    """Puts the row's key for `group` into it."""
     if group == "campaign":
         slug, name, currency = names.get(value, ("", "", ""))
         # The row's money is in the campaign's currency; totals add currencies as they are.
-        return {"campaign_id": value, "campaign": slug, "campaign_name": name,
-                "currency": currency}
-    if group == "day":
-        return {"day": value.isoformat()}
-    if group == "hour":
-        return {"hour": value.astimezone(zone).isoformat()}
-    return {group: value}
+        row.update(campaign_id=value, campaign=slug, campaign_name=name, currency=currency)
+    elif group == "day":
+        row["day"] = value.isoformat()
+    elif group == "hour":
+        row["hour"] = value.astimezone(zone).isoformat()
+    else:
+        row[group] = value
