@@ -188,3 +188,31 @@ async def test_local_days_follow_daylight_saving_inside_the_range(quiet_service:
         "GET", "/api/reports?from=2026-03-01&to=2026-11-30&tz=Europe/London&group_by=day")
     assert status == 200, body
     assert [(r["day"], r["clicks"]) for r in body["rows"]] == [("2026-06-10", 1), ("2026-06-11", 1)]
+
+
+async def test_a_rows_currency_is_its_campaigns_and_none_where_they_differ(
+        quiet_service: Running) -> None:
+    s = quiet_service
+    usd = await s.create_campaign(slug="in-usd", cost_model="cpc", cost_value="0.25")
+    eur = await s.create_campaign(slug="in-eur", cost_model="cpc", cost_value="0.30",
+                                  currency="EUR")
+    now = datetime.now(UTC)
+    await buffer_events(s, [click(usd["id"], now, cost="0.25"), click(eur["id"], now, cost="0.3")])
+
+    async def report(query: str) -> dict[str, Any]:
+        status, body = await s.api("GET", f"/api/reports?{query}")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+    by_campaign = await report("group_by=campaign")
+    assert {r["campaign"]: r["currency"] for r in by_campaign["rows"]} == {
+        "in-usd": "USD", "in-eur": "EUR"}
+    assert by_campaign["totals"]["currency"] is None
+    for query in ("group_by=day", "group_by=pub", "group_by=hour"):
+        body = await report(query)
+        assert [r["currency"] for r in body["rows"]] == [None], query
+        assert body["rows"][0]["cost"] == "0.55" and body["totals"]["currency"] is None
+    for query in ("group_by=day&campaign=in-eur", "group_by=pub&campaign=in-eur"):
+        body = await report(query)
+        assert [(r["currency"], r["cost"]) for r in body["rows"]] == [("EUR", "0.3")], query
+        assert body["totals"]["currency"] == "EUR"
