@@ -68,14 +68,6 @@ def to_str(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def per_unit(total: Decimal, units: Decimal | int) -> str | None:
-    """A money figure per unit (cost per click, revenue per click), to the event precision;
-    None over a zero denominator."""
-    if not units:
-        return None
-    return to_str((total / Decimal(units)).quantize(Decimal(1).scaleb(-EVENT_PLACES)))
-
-
 def nanos(text: str) -> int:
     """An amount PostgreSQL wrote as numeric(_, 9) text ("1069.050000000"), in whole units of
     10^-9. Reports sum thousands of rows: integers are exact, and many times faster to read
@@ -90,7 +82,7 @@ _NANO = 10 ** EVENT_PLACES
 
 
 def nanos_to_str(units: int) -> str:
-    """to_str of units × 10^-9."""
+    """to_str of units × 10^-9 (without making the Decimal)."""
     sign = ""
     if units < 0:
         sign, units = "-", -units
@@ -101,7 +93,8 @@ def nanos_to_str(units: int) -> str:
 
 
 def nanos_per_unit(units: int, count: int) -> str | None:
-    """per_unit of units × 10^-9 over `count`, rounded as per_unit rounds (half to even)."""
+    """A money figure per unit (cost per click, revenue per click) of units × 10^-9 over
+    `count`, to the event precision, half to even; None over a zero count."""
     if not count:
         return None
     quotient, remainder = divmod(abs(units), abs(count))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
 from hypothesis import given
@@ -47,8 +47,9 @@ def test_per_mille_is_exact_and_written_plainly() -> None:
 
 
 def test_per_unit() -> None:
-    assert money.per_unit(Decimal("1"), 3) == "0.333333333"
-    assert money.per_unit(Decimal("1"), 0) is None
+    assert money.nanos_per_unit(money.nanos("1.000000000"), 3) == "0.333333333"
+    assert money.nanos_per_unit(money.nanos("2.000000000"), 3) == "0.666666667"
+    assert money.nanos_per_unit(money.nanos("1.000000000"), 0) is None
 
 
 # What a report's sums can be: sums of numeric(21, 9), as PostgreSQL writes numeric(38, 9).
@@ -69,7 +70,10 @@ def test_nano_figures_equal_decimal_ones(amount: Decimal, count: int) -> None:
     units = money.nanos(text)
     assert Decimal(units).scaleb(-9) == amount
     assert money.nanos_to_str(units) == money.to_str(amount)
-    assert money.nanos_per_unit(units, count) == money.per_unit(amount, count)
+    # Decimal's figure: the quotient (28 digits), quantized to 9 places, half to even.
+    expected = None if not count else money.to_str(
+        (amount / Decimal(count)).quantize(Decimal("1E-9"), rounding=ROUND_HALF_EVEN))
+    assert money.nanos_per_unit(units, count) == expected
 
 
 def test_nanos_refuses_text_of_another_scale() -> None:

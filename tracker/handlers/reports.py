@@ -17,11 +17,11 @@ from .common import json_response
 
 BUCKET = timedelta(minutes=15)
 MAX_RANGE = timedelta(days=3660)
-# The sums a report's record holds after its keys, in order (storage.reports.SUMS), and which
-# of them are amounts (numeric text).
-SUMS = store.NAMES
-CLICKS = SUMS.index("clicks")
-AMOUNTS = frozenset(i for i, name in enumerate(SUMS) if name in store.AMOUNTS)
+# The sums a report's record holds after its keys, in order (storage.reports.NAMES), and the
+# places of the amounts among them (numeric text).
+SUMMED = store.NAMES
+CLICKS = SUMMED.index("clicks")
+AMOUNTS = frozenset(i for i, name in enumerate(SUMMED) if name in store.AMOUNTS)
 
 
 def _zone(raw: str) -> ZoneInfo:
@@ -57,14 +57,14 @@ def _floor(when: datetime) -> datetime:
 
 
 def _ratio(num: int, den: int) -> float | None:
-    # Python divides whole numbers correctly rounded: the figure Decimal's division gives.
+    # Python divides whole numbers correctly rounded; money ratios are of nanos alike.
     return None if not den else round(num / den, 6)
 
 
 def metrics_of(row: dict[str, Any], impressions: int, clicks: int, unique_clicks: int,
                bot_clicks: int, cost: int, conversions: int, revenue: int,
                pending_conversions: int, pending_revenue: int) -> dict[str, Any]:
-    """Puts a row's figures into it, from its sums (the order of storage.reports.SUMS; money
+    """Puts a row's figures into it, from its sums (in the order of SUMMED; money
     in whole units of 10^-9, money.nanos). A report by campaign and day has 6,000 rows."""
     row.update(
         impressions=impressions,
@@ -137,14 +137,14 @@ async def get(request: web.Request) -> web.Response:
     if "campaign" in group_by and records:
         names = await campaign_store.labels(pool, sorted({r["campaign"] for r in records}))
     rows = []
-    totals = [0] * len(SUMS)
+    totals = [0] * len(SUMMED)
     currencies: set[str | None] = set()
     keys = len(group_by)
     for record in records:
         if record[keys + CLICKS] is None:
             continue  # no bucket matched: an ungrouped sum over nothing
         sums = [money.nanos(v) if i in AMOUNTS else v
-                for i, v in enumerate(record[keys:keys + len(SUMS)])]
+                for i, v in enumerate(record[keys:keys + len(SUMMED)])]
         for i, value in enumerate(sums):
             totals[i] += value
         currency = record["currency"].strip() if record["currency"] else None

@@ -32,6 +32,8 @@ SOFT_DELETE = """
 UPDATE campaigns SET deleted_at = now(), updated_at = now()
 WHERE id = $1 AND deleted_at IS NULL RETURNING slug"""
 LABELS_BY_IDS = "SELECT id, slug, name, currency FROM campaigns WHERE id = ANY($1::bigint[])"
+SHARED_CURRENCY = """SELECT CASE WHEN min(currency) = max(currency) THEN min(currency) END
+FROM campaigns WHERE $1::bigint[] IS NULL OR id = ANY($1::bigint[])"""
 IDS_BY_SLUG_OR_ID = "SELECT id FROM campaigns WHERE slug = $1 OR id::text = $1"
 
 
@@ -92,6 +94,13 @@ async def labels(pool: asyncpg.Pool, ids: list[int]) -> dict[int, tuple[str, str
     """(slug, name, currency) of campaigns, deleted ones included: their past still reports."""
     rows = await pool.fetch(LABELS_BY_IDS, ids)
     return {r["id"]: (r["slug"], r["name"], r["currency"]) for r in rows}
+
+
+async def shared_currency(pool: asyncpg.Pool, ids: list[int] | None) -> str | None:
+    """The currency every campaign of `ids` (None: every campaign, deleted ones too) has, or
+    None when they have more than one."""
+    currency: str | None = await pool.fetchval(SHARED_CURRENCY, ids)
+    return currency
 
 
 async def ids_matching(pool: asyncpg.Pool, slug_or_id: str) -> list[int]:

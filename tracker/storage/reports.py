@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from . import campaigns
+
 # group_by name → SQL over rollup_15m ($3 is the IANA zone). Fixed strings only: user input
 # picks among them, never writes SQL.
 GROUPS: dict[str, str] = {
@@ -48,8 +50,6 @@ SUMS = ", ".join(f"sum({n})::numeric(38, 9)::text AS {n}" if n in AMOUNTS
 # report by local day in Kolkata was that join).
 CURRENCY_OF_CAMPAIGNS = "CASE WHEN min(k.currency) = max(k.currency) THEN min(k.currency) END"
 WITH_CAMPAIGNS = " LEFT JOIN campaigns k ON k.id = e.campaign_id"
-ONE_CURRENCY = """SELECT CASE WHEN min(currency) = max(currency) THEN min(currency) END
-FROM campaigns WHERE $1::bigint[] IS NULL OR id = ANY($1::bigint[])"""
 # Traffic and conversions side by side: clicks by click time; conversions by conversion or
 # click time, as the report asks ($4).
 EVENTS = """(
@@ -246,8 +246,7 @@ def build(query: ReportQuery, currency: str | None = None) -> tuple[str, list[An
 
 
 async def run(pool: asyncpg.Pool, query: ReportQuery) -> list[asyncpg.Record]:
-    currency = await pool.fetchval(ONE_CURRENCY, query.campaign_ids)
-    sql, params = build(query, currency)
+    sql, params = build(query, await campaigns.shared_currency(pool, query.campaign_ids))
     return list(await pool.fetch(sql, *params))
 
 
